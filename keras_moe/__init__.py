@@ -1,0 +1,11 @@
+"""keras-moe: sparse Mixture-of-Experts layers and models for Keras 3."""
+
+from keras_moe import callbacks
+from keras_moe import losses
+from keras_moe import routing
+from keras_moe.layers import ExpertFFN
+from keras_moe.layers import FeedForward
+from keras_moe.layers import SparseMoE
+from keras_moe.layers import TopKRouter
+
+__version__ = "0.1.0"

@@ -1,0 +1,11 @@
+"""Pure routing functions: capacity, routing plan, dispatch and combine."""
+
+from keras_moe.routing.dispatch import PRIORITIES
+from keras_moe.routing.dispatch import RoutingPlan
+from keras_moe.routing.dispatch import buffer_rows
+from keras_moe.routing.dispatch import combine
+from keras_moe.routing.dispatch import compute_capacity
+from keras_moe.routing.dispatch import compute_routing_plan
+from keras_moe.routing.dispatch import dispatch
+from keras_moe.routing.dispatch import is_static
+from keras_moe.routing.top_k import stable_top_k
