@@ -1,15 +1,40 @@
 """Argument checks shared by the layers; each error names the argument and value."""
 
+import numbers
+
 import keras
 
 
-def check_positive_int(name, value):
-    """Raises ValueError unless `value` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive "
-            f"integer. Received: {name}={value!r}"
+def check_positive_int(name, value, minimum=1):
+    """Returns `value` as an `int`, or raises `ValueError` naming `name`.
+
+    NumPy integers are accepted; booleans are refused although Python treats
+    them as integers, because `num_experts=True` is always a mistake.
+    """
+    is_integer = isinstance(value, numbers.Integral) and not isinstance(
+        value, bool
+    )
+    if not is_integer or value < minimum:
+        expected = (
+            "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         )
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected {expected}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_optional_positive_int(name, value):
+    """Like `check_positive_int`, but `None` is allowed and returned."""
+    if value is None:
+        return None
+    return check_positive_int(name, value)
+
+
+def check_seed(seed):
+    """Returns `seed` as a non-negative `int`, or raises `ValueError`."""
+    return check_positive_int("seed", seed, minimum=0)
 
 
 def check_non_negative_float(name, value):

@@ -29,7 +29,7 @@ import collections
 
 import numpy as np
 
-from keras_moe.datasets import _validation
+from keras_moe import _checks
 
 ImageSplit = collections.namedtuple("ImageSplit", ["x", "y", "styles"])
 ImageSplit.__doc__ = """One split of an image classification dataset.
@@ -295,12 +295,12 @@ def load_image_classification(
     >>> info["class_names"]
     ['circle', 'square', 'triangle', 'cross']
     """
-    num_train = _validation.check_positive_int("num_train", num_train)
-    num_test = _validation.check_positive_int("num_test", num_test)
-    image_size = _validation.check_positive_int(
+    num_train = _checks.check_positive_int("num_train", num_train)
+    num_test = _checks.check_positive_int("num_test", num_test)
+    image_size = _checks.check_positive_int(
         "image_size", image_size, minimum=MIN_IMAGE_SIZE
     )
-    num_classes = _validation.check_positive_int(
+    num_classes = _checks.check_positive_int(
         "num_classes", num_classes, minimum=2
     )
     if num_classes > len(SHAPE_NAMES):
@@ -309,7 +309,7 @@ def load_image_classification(
             f"integer in [2, {len(SHAPE_NAMES)}]. "
             f"Received: num_classes={num_classes}"
         )
-    seed = _validation.check_seed(seed)
+    seed = _checks.check_seed(seed)
     train = _image_split(
         np.random.default_rng([seed, 0]), num_train, image_size, num_classes
     )

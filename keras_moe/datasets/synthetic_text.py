@@ -29,7 +29,7 @@ import random
 
 import numpy as np
 
-from keras_moe.datasets import _validation
+from keras_moe import _checks
 
 TextSplit = collections.namedtuple("TextSplit", ["x", "y", "domains"])
 TextSplit.__doc__ = """One split of a byte-level text dataset.
@@ -348,14 +348,14 @@ def load_text_classification(
     True
     >>> (x_train, y_train, _), (x_test, y_test, _), _ = (train, test, info)
     """
-    num_train = _validation.check_positive_int("num_train", num_train)
-    num_test = _validation.check_positive_int("num_test", num_test)
-    sequence_length = _validation.check_positive_int(
+    num_train = _checks.check_positive_int("num_train", num_train)
+    num_test = _checks.check_positive_int("num_test", num_test)
+    sequence_length = _checks.check_positive_int(
         "sequence_length",
         sequence_length,
         minimum=MIN_CLASSIFICATION_SEQUENCE_LENGTH,
     )
-    seed = _validation.check_seed(seed)
+    seed = _checks.check_seed(seed)
     task = "text_classification"
     train = _classification_split(
         _rng(task, seed, "train"), num_train, sequence_length
@@ -448,12 +448,12 @@ def load_language_modeling(
     >>> bool((train.y[:, :-1] == train.x[:, 1:]).all())
     True
     """
-    num_train = _validation.check_positive_int("num_train", num_train)
-    num_test = _validation.check_positive_int("num_test", num_test)
-    sequence_length = _validation.check_positive_int(
+    num_train = _checks.check_positive_int("num_train", num_train)
+    num_test = _checks.check_positive_int("num_test", num_test)
+    sequence_length = _checks.check_positive_int(
         "sequence_length", sequence_length
     )
-    seed = _validation.check_seed(seed)
+    seed = _checks.check_seed(seed)
     task = "language_modeling"
     train = _language_modeling_split(
         _rng(task, seed, "train"), num_train, sequence_length

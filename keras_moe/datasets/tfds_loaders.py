@@ -22,7 +22,7 @@ PyTorch alike; all four datasets fit in memory.
 
 import numpy as np
 
-from keras_moe.datasets import _validation
+from keras_moe import _checks
 from keras_moe.datasets import synthetic_images
 from keras_moe.datasets import synthetic_text
 
@@ -116,10 +116,10 @@ def load_imdb_reviews(
         (`["imdb_reviews"]`), `label_descriptions`, `vocabulary_size` (256),
         `padding_id` (0), `sequence_length`.
     """
-    sequence_length = _validation.check_positive_int(
+    sequence_length = _checks.check_positive_int(
         "sequence_length", sequence_length
     )
-    max_examples = _validation.check_optional_positive_int(
+    max_examples = _checks.check_optional_positive_int(
         "max_examples", max_examples
     )
     splits = []
@@ -205,10 +205,10 @@ def load_tiny_shakespeare(
     Raises:
         ValueError: if a split has fewer than `sequence_length + 1` bytes.
     """
-    sequence_length = _validation.check_positive_int(
+    sequence_length = _checks.check_positive_int(
         "sequence_length", sequence_length
     )
-    max_examples = _validation.check_optional_positive_int(
+    max_examples = _checks.check_optional_positive_int(
         "max_examples", max_examples
     )
     splits = []
@@ -306,12 +306,12 @@ def load_image_dataset(
             f"{IMAGE_DATASET_NAMES}. Received: name={name!r}"
         )
     if image_size is not None:
-        image_size = _validation.check_positive_int(
+        image_size = _checks.check_positive_int(
             "image_size",
             image_size,
             minimum=synthetic_images.MIN_IMAGE_SIZE,
         )
-    max_examples = _validation.check_optional_positive_int(
+    max_examples = _checks.check_optional_positive_int(
         "max_examples", max_examples
     )
     splits = []
