@@ -1,6 +1,7 @@
 """keras-moe: sparse Mixture-of-Experts layers and models for Keras 3."""
 
 from keras_moe import callbacks
+from keras_moe import distribution
 from keras_moe import losses
 from keras_moe import routing
 from keras_moe.layers import ExpertFFN

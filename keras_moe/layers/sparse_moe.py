@@ -6,6 +6,8 @@ from keras import ops
 
 from keras_moe import losses
 from keras_moe import routing
+from keras_moe.distribution import _check_built_layer
+from keras_moe.distribution import _constrain
 from keras_moe._checks import check_capacity_factor
 from keras_moe._checks import check_non_negative_float
 from keras_moe._checks import check_positive_int
@@ -70,6 +72,10 @@ class SparseMoE(keras.layers.Layer):
        gathered back and summed with the combine weights. No tensor of shape
        `(tokens, experts, capacity)` is built and no expert sees a token that
        was not routed to it.
+    5. With a `keras.distribution` active (JAX), the groups are split over
+       the data devices and the expert buffers over the `"expert"` mesh
+       axis, so tokens reach their experts by all-to-all
+       (`keras_moe.distribution`). Without one, nothing changes.
 
     Balancing, in training only, through `add_loss` (so it reaches
     `model.fit`'s loss in any model type, also when nested):
@@ -97,7 +103,10 @@ class SparseMoE(keras.layers.Layer):
             inference (default 2.0, as in Switch Transformer).
         min_capacity: int >= 1, lower bound on the per-group capacity.
         group_size: int >= 1 or None, tokens per routing group. None routes
-            all tokens of a call as one group.
+            all tokens of a call as one group. Under a `keras.distribution`
+            (expert parallelism, see `keras_moe.distribution`) the number of
+            groups must divide over the devices: use the sequence length
+            (one group per sequence) or a divisor of it.
         activation: expert activation name or callable (default `"gelu"`).
         gated: bool, gated experts: `activation="silu", gated=True` is
             SwiGLU (Mixtral, Qwen-MoE); `"gelu"` gives GeGLU.
@@ -285,6 +294,8 @@ class SparseMoE(keras.layers.Layer):
         if not self.router.built:
             self.router.build((None, None, model_dim))
         self.experts.build((self.num_experts, None, model_dim))
+        # Warns when an active distribution cannot shard the experts.
+        _check_built_layer(self)
 
         # Routing statistics, summed over training steps since the last
         # reset. float32 whatever the dtype policy; never autocast.
@@ -386,6 +397,10 @@ class SparseMoE(keras.layers.Layer):
             return ops.zeros_like(inputs)
         training = bool(training)
         tokens, valid, num_tokens, group_size = self._group_tokens(inputs, mask)
+        # Under a keras.distribution (JAX), the `_constrain` calls split the
+        # groups over the data devices and the expert buffers over the
+        # expert devices, so tokens travel by all-to-all. Identity otherwise.
+        tokens = _constrain(tokens, "groups")  # (N, G, d)
         decision, plan, capacity = self._plan(
             tokens, valid, group_size, training
         )
@@ -397,11 +412,20 @@ class SparseMoE(keras.layers.Layer):
         # Dispatch -> experts -> combine.
         buffers = routing.dispatch(
             tokens, rows, self.num_experts, capacity
-        )  # (E, N * C, d)
+        )  # (N, E, C, d)
+        buffers = routing.to_expert_major(_constrain(buffers, "groups"))
+        buffers = _constrain(buffers, "expert_buffers")  # (E, N * C, d)
         expert_outputs = self.experts(buffers, training=training)  # (E, N*C, d)
+        expert_outputs = _constrain(expert_outputs, "expert_buffers")
+        expert_outputs = routing.to_group_major(
+            expert_outputs, ops.shape(tokens)[0]
+        )  # (N, E, C, d)
         outputs = routing.combine(
-            expert_outputs, rows, decision["combine_weights"]
+            _constrain(expert_outputs, "groups"),
+            rows,
+            decision["combine_weights"],
         )  # (N, G, d)
+        outputs = _constrain(outputs, "groups")
         outputs = ops.reshape(outputs, (-1, self.model_dim))[:num_tokens]
 
         if training:

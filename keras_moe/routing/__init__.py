@@ -8,4 +8,6 @@ from keras_moe.routing.dispatch import compute_capacity
 from keras_moe.routing.dispatch import compute_routing_plan
 from keras_moe.routing.dispatch import dispatch
 from keras_moe.routing.dispatch import is_static
+from keras_moe.routing.dispatch import to_expert_major
+from keras_moe.routing.dispatch import to_group_major
 from keras_moe.routing.top_k import stable_top_k

@@ -8,10 +8,15 @@ Notation used in shapes:
     E: number of experts, C: capacity (buffer slots per expert per group),
     d: model width.
 
-Buffers are laid out expert-major: row `e * (N * C) + n * C + slot` of the
-flat `(E * N * C, d)` buffer holds the token that group `n` sent to slot
-`slot` of expert `e`. Reshaping that flat buffer to `(E, N * C, d)` gives each
-expert its contiguous input without any transpose.
+Each group has its own buffer of `E * C` rows, expert-major: row
+`e * C + slot` of group `n` holds the token that group `n` sent to slot
+`slot` of expert `e`. `dispatch` gathers within each group into group-major
+buffers `(N, E, C, d)`; `to_expert_major` hands the experts `(E, N * C, d)`
+(row `n * C + slot` of expert `e`), `to_group_major` takes their outputs
+back, and `combine` gathers within each group again. Gathers batched over N
+are what an SPMD partitioner (XLA under `keras.distribution`) splits over
+devices without moving tokens; indices flattened across groups would make
+it gather every token onto every device.
 """
 
 import collections
@@ -141,7 +146,14 @@ def compute_routing_plan(
 
 
 def buffer_rows(expert_index, plan, num_experts, capacity):
-    """Row of the flat expert-major buffer for each assignment.
+    """Row of its group's expert buffer for each assignment.
+
+    Each group n has its own buffer of `E * C` rows, expert-major: row
+    `e * C + slot` holds the token that took slot `slot` of expert e. Rows
+    are per group (not global), so that dispatch and combine are gathers
+    batched over the group axis N: an SPMD partitioner splits those along N
+    without moving any token, whereas indices flattened across groups make
+    it gather every token onto every device.
 
     Args:
         expert_index: int `(N, G, k)`.
@@ -150,31 +162,24 @@ def buffer_rows(expert_index, plan, num_experts, capacity):
         capacity: int C.
 
     Returns:
-        int32 `(N, G, k)`: `e * (N * C) + n * C + slot` for kept assignments,
-        and the dummy row `E * N * C` (one past the buffer) for dropped ones.
+        int32 `(N, G, k)`: `e * C + slot` for kept assignments, and the
+        dummy row `E * C` (one past the group's buffer) for dropped ones.
     """
-    num_groups = ops.shape(expert_index)[0]
-    rows_per_expert = num_groups * capacity
-    group_offset = ops.reshape(
-        ops.arange(num_groups, dtype="int32") * capacity, (-1, 1, 1)
-    )  # (N, 1, 1)
-    rows = (
-        ops.cast(expert_index, "int32") * rows_per_expert
-        + group_offset
-        + plan.slot
-    )
-    dummy_row = num_experts * rows_per_expert
-    return ops.where(plan.kept, rows, dummy_row)
+    rows = ops.cast(expert_index, "int32") * capacity + plan.slot
+    return ops.where(plan.kept, rows, num_experts * capacity)
 
 
 def dispatch(tokens, rows, num_experts, capacity):
-    """Copies each kept token into its expert's buffer.
+    """Copies each kept token into its expert's buffer, group by group.
 
-    Built as a gather: first an int32 map from buffer row to token (one
-    scatter of `N * G * k` ints), then one gather of `E * N * C` rows of the
-    tokens. Empty slots read a zero row. No `(tokens, experts, capacity)`
-    one-hot is ever formed, and each slot is written at most once, so the
-    result does not depend on scatter order.
+    Per group, kept assignments are sorted by buffer row. Slots are handed
+    out from 0 without gaps, so expert e's kept assignments are the sorted
+    positions `start[e] .. start[e] + count[e] - 1`, with `count[e]` its
+    number of kept assignments and `start` their exclusive cumulative sum;
+    slot c of expert e reads sorted position `start[e] + c` when
+    `c < count[e]`, and zeros otherwise. Everything is batched over the group
+    axis (argsort, `take_along_axis` on axis 1), and no
+    `(tokens, experts, capacity)` one-hot is ever formed.
 
     Args:
         tokens: `(N, G, d)`.
@@ -183,56 +188,101 @@ def dispatch(tokens, rows, num_experts, capacity):
         capacity: int C.
 
     Returns:
-        Expert buffers `(E, N * C, d)`.
+        Group-major buffers `(N, E, C, d)`: `[n, e, c]` is the token of group
+        n in slot c of expert e (zeros when the slot is empty). The experts
+        take them expert-major, through `to_expert_major`.
     """
     num_groups, group_size, model_dim = ops.shape(tokens)
-    num_tokens = num_groups * group_size
-    num_rows = num_experts * num_groups * capacity
     top_k = ops.shape(rows)[-1]
-    token_id = ops.broadcast_to(
-        ops.reshape(ops.arange(num_tokens, dtype="int32"), (num_groups, group_size, 1)),
-        (num_groups, group_size, top_k),
+    num_assignments = group_size * top_k
+    flat_rows = ops.reshape(rows, (num_groups, num_assignments))  # (N, A)
+    # Kept assignments first, in row order; dropped ones (dummy row) last.
+    order = ops.argsort(flat_rows, axis=1)  # (N, A)
+    # Kept assignments per expert: (N, A, E) comparison summed over A.
+    expert_of_row = ops.expand_dims(flat_rows // capacity, -1)  # (N, A, 1)
+    count = ops.sum(
+        ops.cast(
+            expert_of_row == ops.arange(num_experts, dtype="int32"), "int32"
+        ),
+        axis=1,
+    )  # (N, E)
+    start = ops.cumsum(count, axis=1) - count  # (N, E)
+    slots = ops.reshape(ops.arange(capacity, dtype="int32"), (1, 1, -1))
+    filled = slots < ops.expand_dims(count, -1)  # (N, E, C)
+    sorted_position = ops.minimum(
+        ops.expand_dims(start, -1) + slots, num_assignments - 1
+    )  # (N, E, C); clamped where the slot is empty
+    assignment = ops.take_along_axis(
+        order,
+        ops.reshape(sorted_position, (num_groups, num_experts * capacity)),
+        axis=1,
+    )  # (N, E * C)
+    source_token = assignment // top_k  # assignment a is token a // k
+    buffers = ops.take_along_axis(
+        tokens, ops.expand_dims(source_token, -1), axis=1
+    )  # (N, E * C, d)
+    filled = ops.reshape(filled, (num_groups, num_experts * capacity, 1))
+    buffers = ops.where(filled, buffers, ops.zeros_like(buffers))
+    return ops.reshape(
+        buffers, (num_groups, num_experts, capacity, model_dim)
     )
-    # Row -> token map; unfilled rows (and the dummy row) point at the zero
-    # row appended after the tokens, index `num_tokens`.
-    row_to_token = ops.scatter_update(
-        ops.full((num_rows + 1,), num_tokens, dtype="int32"),
-        ops.reshape(rows, (-1, 1)),
-        ops.reshape(token_id, (-1,)),
-    )[:num_rows]
-    flat_tokens = ops.concatenate(
-        [
-            ops.reshape(tokens, (num_tokens, model_dim)),
-            ops.zeros((1, model_dim), dtype=tokens.dtype),
-        ],
-        axis=0,
-    )  # (N * G + 1, d)
-    buffers = ops.take(flat_tokens, row_to_token, axis=0)  # (E * N * C, d)
-    return ops.reshape(buffers, (num_experts, num_groups * capacity, model_dim))
 
 
-def combine(expert_outputs, rows, combine_weights):
+def to_expert_major(buffers):
+    """`(N, E, C, d)` group-major buffers -> `(E, N * C, d)`, one per expert.
+
+    Row `n * C + c` of expert e is slot c of group n. Under a
+    `keras.distribution` that splits N before and E after, this relayout is
+    where tokens travel to their experts' devices (an all-to-all).
+    """
+    num_groups, num_experts, capacity, model_dim = ops.shape(buffers)
+    return ops.reshape(
+        ops.transpose(buffers, (1, 0, 2, 3)),
+        (num_experts, num_groups * capacity, model_dim),
+    )
+
+
+def to_group_major(expert_buffers, num_groups):
+    """`(E, N * C, d)` -> `(N, E, C, d)`, the inverse of `to_expert_major`."""
+    num_experts, rows_per_expert, model_dim = ops.shape(expert_buffers)
+    capacity = rows_per_expert // num_groups
+    return ops.transpose(
+        ops.reshape(
+            expert_buffers, (num_experts, num_groups, capacity, model_dim)
+        ),
+        (1, 0, 2, 3),
+    )
+
+
+def combine(buffers, rows, combine_weights):
     """Gathers each assignment's expert output and sums them weighted.
 
+    A gather within each group, batched over N like `dispatch`.
+
     Args:
-        expert_outputs: `(E, N * C, d)`.
+        buffers: group-major expert outputs `(N, E, C, d)` (see
+            `to_group_major`).
         rows: int32 `(N, G, k)` from `buffer_rows`.
         combine_weights: `(N, G, k)`; dropped assignments contribute 0
-            whatever their weight, because they read the zero row.
+            whatever their weight (and whatever the buffer holds).
 
     Returns:
-        `(N, G, d)` in the dtype of `expert_outputs`. The k outputs are summed
-        in choice order with a fixed-shape reduction, so repeated runs give
+        `(N, G, d)` in the dtype of `buffers`. The k outputs are summed in
+        choice order with a fixed-shape reduction, so repeated runs give
         bit-identical results.
     """
-    num_experts, rows_per_expert, model_dim = ops.shape(expert_outputs)
-    flat_outputs = ops.concatenate(
-        [
-            ops.reshape(expert_outputs, (-1, model_dim)),
-            ops.zeros((1, model_dim), dtype=expert_outputs.dtype),
-        ],
-        axis=0,
-    )  # (E * N * C + 1, d)
-    gathered = ops.take(flat_outputs, rows, axis=0)  # (N, G, k, d)
-    weights = ops.cast(combine_weights, expert_outputs.dtype)
+    num_groups, num_experts, capacity, model_dim = ops.shape(buffers)
+    group_size, top_k = ops.shape(rows)[1], ops.shape(rows)[2]
+    num_rows = num_experts * capacity
+    buffers = ops.reshape(buffers, (num_groups, num_rows, model_dim))
+    flat_rows = ops.reshape(rows, (num_groups, group_size * top_k, 1))
+    kept = flat_rows < num_rows  # (N, G * k, 1)
+    gathered = ops.take_along_axis(
+        buffers, ops.minimum(flat_rows, num_rows - 1), axis=1
+    )  # (N, G * k, d)
+    gathered = ops.where(kept, gathered, ops.zeros_like(gathered))
+    gathered = ops.reshape(
+        gathered, (num_groups, group_size, top_k, model_dim)
+    )
+    weights = ops.cast(combine_weights, buffers.dtype)
     return ops.sum(gathered * ops.expand_dims(weights, -1), axis=2)

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_moe.distribution import _partitioned_top_k_needed
+
 
 def stable_top_k(scores, k):
     """Returns the `k` largest entries along the last axis, ties to the lower index.
@@ -12,6 +14,13 @@ def stable_top_k(scores, k):
     index first on CPU. Routing must not depend on the backend, so on PyTorch
     this uses a stable descending sort instead (O(E log E) per token, which is
     negligible next to the router matmul for any realistic number of experts).
+
+    On JAX with a `keras.distribution` active it also uses a stable sort:
+    XLA does not partition its TopK along the token dimensions, so the router
+    output of every device would be gathered onto every device; a sort is
+    computed where the tokens are. Same values and indices (also for NaN,
+    which both put first), except that the sort treats -0.0 and 0.0 as equal
+    while XLA's TopK ranks 0.0 first.
 
     Args:
         scores: float tensor of shape `(..., num_experts)`.
@@ -27,5 +36,16 @@ def stable_top_k(scores, k):
         scores = ops.convert_to_tensor(scores)
         values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
         return values[..., :k], indices[..., :k].to(torch.int32)
+    if _partitioned_top_k_needed():
+        return _sorted_top_k_jax(scores, k)
     values, indices = ops.top_k(scores, k, sorted=True)
     return values, ops.cast(indices, "int32")
+
+
+def _sorted_top_k_jax(scores, k):
+    """`stable_top_k` by a stable descending argsort (JAX only)."""
+    import jax.numpy as jnp
+
+    indices = jnp.argsort(scores, axis=-1, descending=True, stable=True)
+    indices = indices[..., :k].astype("int32")
+    return jnp.take_along_axis(scores, indices, axis=-1), indices

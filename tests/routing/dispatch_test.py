@@ -98,11 +98,18 @@ class DispatchCombineTest(testing.TestCase):
             self.expert_index, self.plan, self.num_experts, self.capacity
         )
 
+    def test_buffer_rows_are_per_group(self):
+        rows = to_numpy(self.rows)
+        slot, kept = to_numpy(self.plan.slot), to_numpy(self.plan.kept)
+        expected = np.where(kept, self.expert_index * self.capacity + slot, 3 * 2)
+        self.assertEqual(rows.tolist(), expected.tolist())
+
     def test_dispatch_puts_each_kept_token_in_its_slot(self):
         buffers = to_numpy(
             routing.dispatch(self.tokens, self.rows, self.num_experts, self.capacity)
         )
-        self.assertEqual(buffers.shape, (3, 2 * 2, 5))
+        # Group-major: (N, E, C, d).
+        self.assertEqual(buffers.shape, (2, 3, 2, 5))
         slot, kept = to_numpy(self.plan.slot), to_numpy(self.plan.kept)
         expected = np.zeros_like(buffers)
         for n in range(2):
@@ -110,14 +117,36 @@ class DispatchCombineTest(testing.TestCase):
                 for j in range(2):
                     if kept[n, g, j]:
                         e = self.expert_index[n, g, j]
-                        expected[e, n * self.capacity + slot[n, g, j]] = self.tokens[n, g]
+                        expected[n, e, slot[n, g, j]] = self.tokens[n, g]
         self.assertAllClose(buffers, expected)
         # Group 1 asks expert 1 four times: two are dropped, and empty slots
         # stay zero (expert 0 in group 1 gets t0 and t2 second choices).
         self.assertEqual(int(kept[1, :, 0].sum()), 2)
 
+    def test_empty_slots_are_zero(self):
+        # 3 tokens, all to expert 0 (capacity 2): expert 0 keeps t0 and t1,
+        # expert 1 gets nothing.
+        tokens = np.arange(1, 7, dtype="float32").reshape(1, 3, 2)
+        expert_index = np.zeros((1, 3, 1), "int32")
+        plan = routing.compute_routing_plan(expert_index, np.ones((1, 3), bool), 2, 2)
+        rows = routing.buffer_rows(expert_index, plan, 2, 2)
+        buffers = to_numpy(routing.dispatch(tokens, rows, 2, 2))
+        self.assertAllClose(buffers[0, 0], tokens[0, :2])
+        self.assertAllClose(buffers[0, 1], np.zeros((2, 2)))
+
+    def test_expert_major_layout_and_round_trip(self):
+        buffers = np.random.default_rng(3).normal(size=(2, 3, 4, 5)).astype("float32")
+        expert_major = to_numpy(routing.to_expert_major(buffers))
+        self.assertEqual(expert_major.shape, (3, 2 * 4, 5))
+        # Row n * C + c of expert e is slot c of group n.
+        for n in range(2):
+            for e in range(3):
+                for c in range(4):
+                    self.assertAllClose(expert_major[e, n * 4 + c], buffers[n, e, c])
+        self.assertAllClose(routing.to_group_major(expert_major, 2), buffers)
+
     def test_combine_weights_the_kept_outputs(self):
-        expert_outputs = np.random.default_rng(1).normal(size=(3, 4, 5)).astype(
+        expert_outputs = np.random.default_rng(1).normal(size=(2, 3, 2, 5)).astype(
             "float32"
         )
         weights = np.random.default_rng(2).uniform(size=(2, 4, 2)).astype("float32")
@@ -130,9 +159,18 @@ class DispatchCombineTest(testing.TestCase):
                     if kept[n, g, j]:
                         e = self.expert_index[n, g, j]
                         expected[n, g] += weights[n, g, j] * expert_outputs[
-                            e, n * self.capacity + slot[n, g, j]
+                            n, e, slot[n, g, j]
                         ]
         self.assertAllClose(combined, expected, atol=1e-6)
+
+    def test_dropped_assignments_ignore_non_finite_buffers(self):
+        # A dropped assignment reads no buffer row, so even inf/NaN in the
+        # buffers cannot leak into its token's output.
+        expert_outputs = np.full((2, 3, 2, 5), np.nan, "float32")
+        weights = np.ones((2, 4, 2), "float32")
+        rows = np.full((2, 4, 2), 3 * 2, "int32")  # every assignment dropped
+        combined = to_numpy(routing.combine(expert_outputs, rows, weights))
+        self.assertAllClose(combined, np.zeros((2, 4, 5)))
 
     def test_dispatch_then_identity_experts_then_combine_returns_weighted_tokens(self):
         buffers = routing.dispatch(

@@ -1,4 +1,7 @@
+import keras
 import numpy as np
+import pytest
+from keras import ops
 from keras.src import testing
 
 from keras_moe.routing import stable_top_k
@@ -30,3 +33,51 @@ class StableTopKTest(testing.TestCase):
         values, indices = stable_top_k(scores, 2)
         self.assertEqual(tuple(indices.shape), (2, 3, 2))
         self.assertAllClose(values, -np.sort(-scores, axis=-1)[..., :2])
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="the sort path is JAX only"
+)
+class SortedTopKTest(testing.TestCase):
+    """The sort-based top-k used under a keras.distribution equals XLA's TopK."""
+
+    def test_matches_xla_top_k_with_ties_and_nan(self):
+        from keras_moe.routing.top_k import _sorted_top_k_jax
+
+        rng = np.random.default_rng(2)
+        scores = np.concatenate(
+            [
+                rng.normal(size=(64, 16)),
+                # Few distinct values: ties everywhere.
+                rng.integers(0, 4, size=(64, 16)),
+            ]
+        ).astype("float32")
+        scores[3, [1, 7]] = np.nan  # both rank NaN first
+        for k in (1, 2, 5, 16):
+            values, indices = _sorted_top_k_jax(scores, k)
+            expected_values, expected_indices = ops.top_k(scores, k)
+            self.assertEqual(
+                to_numpy(indices).tolist(), to_numpy(expected_indices).tolist()
+            )
+            np.testing.assert_array_equal(
+                to_numpy(values), to_numpy(expected_values)
+            )
+            self.assertEqual(str(to_numpy(indices).dtype), "int32")
+
+    def test_selected_under_a_distribution(self):
+        import jax
+
+        scores = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
+        mesh = keras.distribution.DeviceMesh((1,), ("batch",), devices=["cpu:0"])
+        plain = str(jax.make_jaxpr(lambda s: stable_top_k(s, 2))(scores))
+        with keras.distribution.DataParallel(device_mesh=mesh).scope():
+            distributed = str(jax.make_jaxpr(lambda s: stable_top_k(s, 2))(scores))
+            values, indices = stable_top_k(scores, 2)
+        self.assertIn("top_k", plain)
+        self.assertNotIn("top_k", distributed)
+        self.assertIn("sort", distributed)
+        expected_values, expected_indices = ops.top_k(scores, 2)
+        self.assertEqual(
+            to_numpy(indices).tolist(), to_numpy(expected_indices).tolist()
+        )
+        self.assertAllClose(values, expected_values)
