@@ -220,7 +220,8 @@ def expert_placement(model, keras_moe):
             experts = index[0].indices(moe.num_experts)[:2]
             by_experts.setdefault(experts, []).append(device)
         for (first, stop), devices in sorted(by_experts.items()):
-            names = [f"{d.platform}:{d.id}" for d in sorted(devices, key=lambda d: d.id)]
+            devices = sorted(devices, key=lambda d: d.id)
+            names = [f"{d.platform}:{d.id}" for d in devices]
             rows.append((moe.name, first, stop - 1, names))
     return rows
 
@@ -308,6 +309,9 @@ def main(argv=None):
     )
     say(f"mesh {dict(zip(mesh.axis_names, mesh.shape))} over {num_devices} "
         f"devices in {jax.process_count()} process(es)")
+    if len(args.mesh_shape) == 3:
+        say(f"(each device holds 1/{args.mesh_shape[2]} of the hidden units "
+            "of its experts)")
     say(f"{'layer':<14} {'experts':>8}  devices")
     placement = expert_placement(model, keras_moe)
     for layer, first, last, devices in placement:
