@@ -1,5 +1,7 @@
 """Pure routing functions: capacity, routing plan, dispatch and combine."""
 
+from keras_moe.routing import bias_balancing
+from keras_moe.routing import expert_choice
 from keras_moe.routing.dispatch import PRIORITIES
 from keras_moe.routing.dispatch import RoutingPlan
 from keras_moe.routing.dispatch import buffer_rows
