@@ -420,7 +420,7 @@ class SparseMoE(keras.layers.Layer):
                     f"one of {tuple(ROUTERS)} or a router layer such as "
                     f"`keras_moe.TopKRouter`. Received: router={router!r}"
                 )
-            return ROUTERS[name](
+            router = ROUTERS[name](
                 num_experts=self.num_experts,
                 top_k=self.top_k,
                 seed=self.seed,
