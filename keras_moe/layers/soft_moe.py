@@ -10,7 +10,8 @@ from keras_moe.layers.expert_ffn import ExpertFFN
 
 
 def _l2_normalize(x, axis):
-    return x * ops.rsqrt(ops.sum(ops.square(x), axis=axis, keepdims=True) + 1e-6)
+    squared_norm = ops.sum(ops.square(x), axis=axis, keepdims=True)
+    return x * ops.rsqrt(squared_norm + 1e-6)
 
 
 @keras_moe_export

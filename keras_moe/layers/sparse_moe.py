@@ -921,10 +921,12 @@ class SparseMoE(keras.layers.Layer):
                 "num_shared_experts": self.num_shared_experts,
                 "shared_intermediate_dim": self.shared_intermediate_dim,
                 "shared_expert_gate": self.shared_expert_gate,
+                # A router name stays a name; a layer is serialised.
                 "router": (
-                    keras.saving.serialize_keras_object(self.router)
-                    if isinstance(self._router_argument, (keras.layers.Layer, dict))
-                    else self._router_argument
+                    self._router_argument
+                    if self._router_argument is None
+                    or isinstance(self._router_argument, str)
+                    else keras.saving.serialize_keras_object(self.router)
                 ),
                 "load_balance_loss_weight": self.load_balance_loss_weight,
                 "z_loss_weight": self.z_loss_weight,
