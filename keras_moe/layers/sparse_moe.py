@@ -8,6 +8,7 @@ from keras_moe import losses
 from keras_moe import routing
 from keras_moe.distribution import _check_built_layer
 from keras_moe.distribution import _constrain
+from keras_moe.distribution import _distribution_active
 from keras_moe._checks import check_capacity_factor
 from keras_moe._checks import check_non_negative_float
 from keras_moe._checks import check_positive_int
@@ -79,7 +80,11 @@ class SparseMoE(keras.layers.Layer):
        GPU/TPU, tiles on JAX's CPU, slices on TensorFlow and PyTorch), so the
        work stays proportional to `T * k` for any routing. On TensorFlow
        that buffer's groups have data-dependent shapes, so a dropless layer
-       opts its model out of XLA (`supports_jit = False`).
+       opts its model out of XLA (`supports_jit = False`). Under expert
+       parallelism (`keras_moe.distribution`) tokens must travel in
+       fixed-size buffers, so dropless routing there falls back to buffers
+       of a whole group per expert (exact, but E times the work): shard
+       with a capacity factor.
     5. With a `keras.distribution` active (JAX), the groups are split over
        the data devices and the expert buffers over the `"expert"` mesh
        axis, so tokens reach their experts by all-to-all
@@ -414,7 +419,11 @@ class SparseMoE(keras.layers.Layer):
         training = bool(training)
         tokens, valid, num_tokens, group_size = self._group_tokens(inputs, mask)
         capacity_factor = self._capacity_factor(training)
-        if capacity_factor is None:
+        # Under expert parallelism tokens travel in fixed-size buffers (an
+        # all-to-all needs static sizes), so dropless routing there uses
+        # capacity buffers of a whole group per expert: nothing dropped, but
+        # compute of E * G rows per group. Use a capacity factor to shard.
+        if capacity_factor is None and not _distribution_active():
             decision = self.router(tokens, training=training)
             outputs = self._dropless_experts(tokens, valid, decision, training)
             kept = ops.logical_and(

@@ -17,6 +17,7 @@ import collections
 
 from keras import ops
 
+from keras_moe.routing.dispatch import weighted_sum_over_choices
 from keras_moe.routing.top_k import stable_argsort
 
 DroplessLayout = collections.namedtuple(
@@ -108,5 +109,6 @@ def dropless_combine(expert_outputs, layout, combine_weights):
         axis=0,
     )  # (A + 1, d): row A is the zero row of masked assignments
     gathered = ops.take(padded, layout.rows, axis=0)  # (T, k, d)
-    weights = ops.cast(combine_weights, expert_outputs.dtype)
-    return ops.sum(gathered * ops.expand_dims(weights, -1), axis=1)
+    return weighted_sum_over_choices(
+        gathered, ops.cast(combine_weights, expert_outputs.dtype)
+    )
