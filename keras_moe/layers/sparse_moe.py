@@ -11,6 +11,7 @@ from keras_moe import routing
 from keras_moe.routing import expert_choice
 from keras_moe.distribution import _check_built_layer
 from keras_moe.distribution import _constrain
+from keras_moe.distribution import _distribution_active
 from keras_moe._checks import check_capacity_factor
 from keras_moe._checks import check_non_negative_float
 from keras_moe._checks import check_positive_int
@@ -85,12 +86,24 @@ class SparseMoE(keras.layers.Layer):
        `capacity = max(min_capacity, ceil(capacity_factor * G * top_k / E))`
        assignments per group (never more than G); the rest are dropped and
        contribute 0, so the residual connection around the block carries
-       those tokens unchanged. `capacity_factor=None` drops nothing.
+       those tokens unchanged.
     4. Tokens are gathered into expert buffers `(E, N * C, d)` by index,
        the experts run as one batched matmul per projection, and outputs are
        gathered back and summed with the combine weights. No tensor of shape
        `(tokens, experts, capacity)` is built and no expert sees a token that
        was not routed to it.
+       Dropless (`capacity_factor=None`, or `eval_capacity_factor=None` at
+       inference): no capacity at all; every assignment gets one row of a
+       buffer `(T * k, d)` sorted by expert and a grouped matmul multiplies
+       each expert's rows only (`routing.grouped_matmul`: `ragged_dot` on
+       GPU/TPU, tiles on JAX's CPU, slices on TensorFlow and PyTorch), so the
+       work stays proportional to `T * k` for any routing. On TensorFlow
+       that buffer's groups have data-dependent shapes, so a dropless layer
+       opts its model out of XLA (`supports_jit = False`). Under expert
+       parallelism (`keras_moe.distribution`) tokens must travel in
+       fixed-size buffers, so dropless routing there falls back to buffers
+       of a whole group per expert (exact, but E times the work): shard
+       with a capacity factor.
     5. With a `keras.distribution` active (JAX), the groups are split over
        the data devices and the expert buffers over the `"expert"` mesh
        axis, so tokens reach their experts by all-to-all
@@ -293,6 +306,14 @@ class SparseMoE(keras.layers.Layer):
         self.causal = causal
         self.seed = seed
         self.supports_masking = True
+        if keras.backend.backend() == "tensorflow" and None in (
+            capacity_factor,
+            eval_capacity_factor,
+        ):
+            # The dropless path's TensorFlow grouped matmul has shapes that
+            # depend on the routing, which XLA cannot compile; Keras then
+            # trains this model without XLA.
+            self.supports_jit = False
 
         # === Layers ===
         self.router = self._make_router(router)
@@ -570,12 +591,19 @@ class SparseMoE(keras.layers.Layer):
         valid = ops.reshape(valid, (num_groups, group_size))
         return tokens, valid, num_tokens, group_size
 
+    def _route(self, tokens, valid, training):
+        """The token-choice router's decision for grouped tokens `(N, G, d)`.
+
+        The padding mask `valid` `(N, G)` is passed to routers whose `call`
+        takes a `mask` (those that compare tokens need it).
+        """
+        if self._router_takes_mask:
+            return self.router(tokens, mask=valid, training=training)
+        return self.router(tokens, training=training)
+
     def _plan(self, tokens, valid, group_size, training):
         """Router decisions and slots for grouped tokens `(N, G, d)`."""
-        if self._router_takes_mask:
-            decision = self.router(tokens, mask=valid, training=training)
-        else:
-            decision = self.router(tokens, training=training)
+        decision = self._route(tokens, valid, training)
         capacity = routing.compute_capacity(
             group_size,
             self.num_experts,
@@ -607,6 +635,38 @@ class SparseMoE(keras.layers.Layer):
         if self.routing_type == EXPERT_CHOICE:
             return self._expert_choice_call(inputs, mask, training)
         tokens, valid, num_tokens, group_size = self._group_tokens(inputs, mask)
+        capacity_factor = self._capacity_factor(training)
+        # Under expert parallelism tokens travel in fixed-size buffers (an
+        # all-to-all needs static sizes), so dropless routing there uses
+        # capacity buffers of a whole group per expert: nothing dropped, but
+        # compute of E * G rows per group. Use a capacity factor to shard.
+        if capacity_factor is None and not _distribution_active():
+            decision = self._route(tokens, valid, training)
+            outputs = self._dropless_experts(tokens, valid, decision, training)
+            kept = ops.logical_and(
+                ops.expand_dims(valid, -1),
+                ops.ones_like(decision["expert_index"], dtype="bool"),
+            )  # (N, G, k): nothing is dropped
+        else:
+            decision, outputs, kept = self._capacity_experts(
+                tokens, valid, group_size, training
+            )
+        outputs = ops.reshape(outputs, (-1, self.model_dim))[:num_tokens]
+        if training:
+            self._add_balancing_losses_and_statistics(decision, valid, kept)
+        outputs = ops.reshape(outputs, ops.shape(inputs))
+        return self._add_shared_experts(inputs, outputs, mask, training)
+
+    def _capacity_experts(self, tokens, valid, group_size, training):
+        """Capacity-limited dispatch -> experts -> combine.
+
+        Args:
+            tokens: `(N, G, d)`; valid: bool `(N, G)`.
+
+        Returns:
+            The router's decision, outputs `(N, G, d)` and `kept` bool
+            `(N, G, k)`.
+        """
         # Under a keras.distribution (JAX), the `_constrain` calls split the
         # groups over the data devices and the expert buffers over the
         # expert devices, so tokens travel by all-to-all. Identity otherwise.
@@ -618,8 +678,6 @@ class SparseMoE(keras.layers.Layer):
         rows = routing.buffer_rows(
             expert_index, plan, self.num_experts, capacity
         )  # (N, G, k)
-
-        # Dispatch -> experts -> combine.
         buffers = routing.dispatch(
             tokens, rows, self.num_experts, capacity
         )  # (N, E, C, d)
@@ -635,15 +693,42 @@ class SparseMoE(keras.layers.Layer):
             rows,
             decision["combine_weights"],
         )  # (N, G, d)
-        outputs = _constrain(outputs, "groups")
-        outputs = ops.reshape(outputs, (-1, self.model_dim))[:num_tokens]
+        return decision, _constrain(outputs, "groups"), plan.kept
 
-        if training:
-            self._add_balancing_losses_and_statistics(decision, valid, plan)
-        outputs = ops.reshape(outputs, ops.shape(inputs))
-        return self._add_shared_experts(inputs, outputs, mask, training)
+    def _dropless_experts(self, tokens, valid, decision, training):
+        """Dropless dispatch -> experts -> combine, work proportional to T * k.
 
-    def _add_balancing_losses_and_statistics(self, decision, valid, plan):
+        Every assignment gets a row of a buffer sorted by expert
+        (`routing.dropless_layout`); the experts multiply only their own
+        rows (`routing.grouped_matmul`). Grouping plays no part here (there
+        is no capacity), so all `N * G` tokens are laid out together.
+
+        Args:
+            tokens: `(N, G, d)`; valid: bool `(N, G)`; decision: the
+                router's outputs for `tokens`.
+
+        Returns:
+            Outputs `(N, G, d)`.
+        """
+        num_groups, group_size = ops.shape(tokens)[0], ops.shape(tokens)[1]
+        flat_tokens = ops.reshape(tokens, (-1, self.model_dim))  # (T', d)
+        layout = routing.dropless_layout(
+            ops.reshape(decision["expert_index"], (-1, self.top_k)),
+            ops.reshape(valid, (-1,)),
+            self.num_experts,
+        )
+        buffer = routing.dropless_dispatch(flat_tokens, layout)  # (A, d)
+        expert_outputs = self.experts(
+            buffer, training=training, group_sizes=layout.group_sizes
+        )  # (A, d)
+        outputs = routing.dropless_combine(
+            expert_outputs,
+            layout,
+            ops.reshape(decision["combine_weights"], (-1, self.top_k)),
+        )  # (T', d)
+        return ops.reshape(outputs, (num_groups, group_size, self.model_dim))
+
+    def _add_balancing_losses_and_statistics(self, decision, valid, kept):
         probs = decision["router_probs"]  # (N, G, E) float32
         logits = decision["router_logits"]  # (N, G, E) float32
         expert_index = decision["expert_index"]  # (N, G, k)
@@ -662,7 +747,7 @@ class SparseMoE(keras.layers.Layer):
             )
         )  # (E,)
         num_assignments = ops.sum(counts)
-        num_kept = ops.sum(ops.cast(plan.kept, "float32"))
+        num_kept = ops.sum(ops.cast(kept, "float32"))
         expert_load = counts / ops.maximum(num_assignments, 1.0)  # (E,)
         step_values = {
             "balance_loss": balance_loss,

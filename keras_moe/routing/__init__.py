@@ -13,3 +13,9 @@ from keras_moe.routing.dispatch import is_static
 from keras_moe.routing.dispatch import to_expert_major
 from keras_moe.routing.dispatch import to_group_major
 from keras_moe.routing.top_k import stable_top_k
+from keras_moe.routing.dropless import DroplessLayout
+from keras_moe.routing.dropless import dropless_combine
+from keras_moe.routing.dropless import dropless_dispatch
+from keras_moe.routing.dropless import dropless_layout
+from keras_moe.routing.grouped_matmul import grouped_matmul
+from keras_moe.routing.top_k import stable_argsort

@@ -343,5 +343,29 @@ def combine(buffers, rows, combine_weights):
     gathered = ops.reshape(
         gathered, (num_groups, group_size, top_k, model_dim)
     )
-    weights = ops.cast(combine_weights, buffers.dtype)
-    return ops.sum(gathered * ops.expand_dims(weights, -1), axis=2)
+    return weighted_sum_over_choices(
+        gathered, ops.cast(combine_weights, buffers.dtype)
+    )
+
+
+def weighted_sum_over_choices(gathered, weights):
+    """`sum_j weights[..., j] * gathered[..., j, :]`, in choice order.
+
+    Written as k explicit multiply-adds (k is small and static) rather than
+    a reduction over the k axis: XLA's CPU backend fuses the gather into a
+    reduction over that short middle axis so badly that the combine took
+    ~36 ms instead of ~0.2 ms for 4096 tokens, k=2, d=256 (measured here).
+    The fixed order also makes the sum bit-identical from run to run.
+
+    Args:
+        gathered: `(..., k, d)`.
+        weights: `(..., k)`, same dtype.
+
+    Returns:
+        `(..., d)`.
+    """
+    top_k = gathered.shape[-2]
+    total = gathered[..., 0, :] * weights[..., 0:1]
+    for choice in range(1, top_k):
+        total = total + gathered[..., choice, :] * weights[..., choice : choice + 1]
+    return total
