@@ -237,3 +237,16 @@ class OptionErrorTest(testing.TestCase):
         for override, message in cases:
             with self.assertRaisesRegex(ValueError, message):
                 SparseMoE(**{"num_experts": 4, "intermediate_dim": 8, **override})
+
+
+class MixedPrecisionOptionTest(testing.TestCase):
+    @parameterized.named_parameters(*OPTIONS)
+    def test_bfloat16_training_call(self, options):
+        x = np.random.default_rng(6).normal(size=(2, 6, 4)).astype("float32")
+        moe = SparseMoE(4, 8, top_k=2, min_capacity=1, dtype="mixed_bfloat16", **options)
+        outputs = moe(x, training=True)
+        self.assertEqual(ops.dtype(outputs), "bfloat16")
+        self.assertTrue(np.all(np.isfinite(to_numpy(ops.cast(outputs, "float32")))))
+        self.assertEqual(moe.router.kernel.dtype, "float32")
+        for loss in moe.losses:
+            self.assertEqual(ops.dtype(loss), "float32")
