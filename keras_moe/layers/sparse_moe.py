@@ -114,7 +114,12 @@ class SparseMoE(keras.layers.Layer):
     - `load_balance_loss_weight * E * sum_i f_i P_i` (Switch), with `f_i` the
       fraction of all k assignments of valid tokens that chose expert i and
       `P_i` the mean router probability of expert i (1.0 when balanced);
-    - `z_loss_weight * mean_t logsumexp(logits_t)^2` (ST-MoE router z-loss).
+      by default (`load_balance_loss_weight=None`) weighted 1e-2 for
+      `TopKRouter` and 0 for the routers that balance otherwise;
+    - `z_loss_weight * mean_t logsumexp(logits_t)^2` (ST-MoE router z-loss);
+    - `weight * loss` for each balancing loss the router declares (see
+      `keras_moe.layers.base_router.BaseRouter`), e.g. the importance and
+      load losses of `NoisyTopKRouter`.
 
     Routing options, each one argument:
     - `router="noisy_top_k"`: Shazeer et al.'s noisy top-k gating with
