@@ -143,12 +143,17 @@ class TopKRouter(keras.layers.Layer):
                 "TopKRouter needs a known last dimension (d_model). Received: "
                 f"input_shape={input_shape}"
             )
+        # `autocast=False` on the weights too: Keras opens an autocast scope
+        # for a layer whose policy is mixed when it is called outside any
+        # other layer (a router on its own, or from `SparseMoE.route`), and
+        # would then read them rounded to the compute dtype.
         self.kernel = self.add_weight(
             name="kernel",
             shape=(model_dim, self.num_experts),
             initializer=self.kernel_initializer,
             regularizer=self.kernel_regularizer,
             dtype="float32",
+            autocast=False,
         )
         if self.use_bias:
             self.bias = self.add_weight(
@@ -156,6 +161,7 @@ class TopKRouter(keras.layers.Layer):
                 shape=(self.num_experts,),
                 initializer=self.bias_initializer,
                 dtype="float32",
+                autocast=False,
             )
         else:
             self.bias = None

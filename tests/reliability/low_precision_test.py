@@ -14,6 +14,8 @@ from keras import ops
 from keras.src import testing
 
 from keras_moe import SparseMoE
+from keras_moe import TopKRouter
+from tests.reference import softmax
 from tests.reliability import helpers
 from tests.reliability.cases import MOE_CASES
 from tests.reliability.cases import moe_case_parameters
@@ -71,6 +73,38 @@ class MixedPrecisionTrainingTest(testing.TestCase):
             helpers.assert_all_finite(self, [(f"{layer.name} router logits", logits)])
             helpers.assert_all_finite(self, helpers.statistics_items(layer))
             self.assertEqual(layer.routing_statistics()["steps"], 12.0)
+
+
+class RouterPrecisionTest(testing.TestCase):
+    @parameterized.named_parameters(POLICIES)
+    def test_router_reads_float32_weights_outside_the_layer_call(self, policy):
+        # A TopKRouter called on its own, or through SparseMoE.route (which
+        # is not a layer call), must compute with its float32 kernel and
+        # bias, exactly as inside SparseMoE's call, not with copies rounded
+        # to the policy's compute dtype.
+        keras.config.set_dtype_policy(policy)
+        rng = np.random.default_rng(5)
+        x = rng.normal(size=(5, 6)).astype("float32")
+        kernel = (rng.normal(size=(6, 4)) * 3.14159).astype("float32")
+        bias = rng.normal(size=(4,)).astype("float32")
+
+        def router():
+            layer = TopKRouter(4, 2, use_bias=True)
+            layer.build((None, 6))
+            layer.kernel.assign(kernel)
+            layer.bias.assign(bias)
+            return layer
+
+        logits = to_numpy(router()(x)["router_logits"])
+        self.assertAllClose(logits, x.astype("float64") @ kernel + bias, atol=1e-5)
+
+        moe = SparseMoE(4, 8, router=router())
+        moe.build((1, 5, 6))
+        probs = to_numpy(moe.route(x[None])["router_probs"])[0]
+        # The layer sees its inputs in its compute dtype.
+        rounded = to_numpy(ops.cast(ops.cast(x, moe.compute_dtype), "float32"))
+        expected = softmax(rounded.astype("float64") @ kernel + bias)
+        self.assertAllClose(probs, expected, atol=1e-6)
 
 
 class HugeRouterLogitsTest(testing.TestCase):
