@@ -7,6 +7,7 @@ from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe._checks import get_activation
 from keras_moe.api_export import keras_moe_export
+from keras_moe.layers._seed_state import SavesSeedStates
 
 
 def clone_initializer(initializer, num_experts=None):
@@ -82,7 +83,7 @@ def feed_forward(
     return project(hidden, output_kernel, output_bias)
 
 
-class FeedForwardBase(keras.layers.Layer):
+class FeedForwardBase(SavesSeedStates, keras.layers.Layer):
     """Shared arguments, weights and config of `FeedForward` and `ExpertFFN`.
 
     Subclasses call `build_weights(leading_shape, model_dim)`, where
@@ -123,6 +124,12 @@ class FeedForwardBase(keras.layers.Layer):
             if self.dropout > 0
             else None
         )
+
+    def _saved_seed_generators(self):
+        # The Dropout sublayer has no variables to hold its seed state.
+        if self.dropout_layer is None:
+            return []
+        return [self.dropout_layer.seed_generator]
 
     def build_weights(self, leading_shape, model_dim):
         leading_shape = tuple(leading_shape)

@@ -7,11 +7,12 @@ from keras_moe._checks import check_non_negative_float
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe.api_export import keras_moe_export
+from keras_moe.layers._seed_state import SavesSeedStates
 from keras_moe.routing.top_k import stable_top_k
 
 
 @keras_moe_export
-class TopKRouter(keras.layers.Layer):
+class TopKRouter(SavesSeedStates, keras.layers.Layer):
     """Token-choice top-k router, computed in float32.
 
     Projects each token to one logit per expert and picks the `top_k` experts
@@ -131,6 +132,10 @@ class TopKRouter(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
+
+    def _saved_seed_generators(self):
+        # Saved with the kernel, so a restored router continues its noise.
+        return [self.seed_generator]
 
     # Routers declare how they compare tokens, so SparseMoE can refuse the
     # ones that would let a causal model see the future.

@@ -1,8 +1,9 @@
 """`.keras` files move between backends and compute the same thing.
 
 The run on backend B saves `helpers.zoo_model` (an MoE layer of every
-reliability case, padding masks) with every weight and every routing
-statistic set to random values, so nothing is at its initial value. Then one
+reliability case, padding masks) with every weight, routing statistic and
+seed-generator state set to random values, so nothing is at its initial
+value. Then one
 fresh process (`portability_worker`) under the backend P that follows B in
 the cycle jax -> tensorflow -> torch -> jax loads the file and re-saves it,
 and this process loads P's file back. Each run checks B -> P and P -> B; the
@@ -12,8 +13,9 @@ both other backends in one run.
 
 Compared: predictions (float32, atol = rtol = 1e-5), routing decisions of
 every MoE layer (expert index and kept flags exactly, combine weights to
-1e-6), routing statistics and every variable (bit-exact: loading copies
-bytes).
+1e-6), routing statistics and every variable, seed states included
+(bit-exact: loading copies bytes; seed states are cast to the loading
+backend's integer dtype).
 """
 
 import importlib.util
@@ -38,17 +40,19 @@ NEXT_BACKEND = {"jax": "tensorflow", "tensorflow": "torch", "torch": "jax"}
 
 
 def _randomize(model, seed):
-    """Gives every float variable of `model` random values (keeps the rest).
+    """Gives every variable of `model` random values.
 
-    Routing statistics get positive values, like the sums they hold.
+    Routing statistics get positive values, like the sums they hold; seed
+    generator states (integers) small non-negative ones.
     """
     rng = np.random.default_rng(seed)
     for variable in model.variables:
         if "float" not in str(variable.dtype):
-            continue  # seed generator states
-        values = rng.normal(scale=0.5, size=variable.shape)
-        if not variable.trainable:
-            values = np.abs(values) + 1.0
+            values = rng.integers(0, 1000, size=variable.shape)
+        else:
+            values = rng.normal(scale=0.5, size=variable.shape)
+            if not variable.trainable:
+                values = np.abs(values) + 1.0
         variable.assign(values.astype(variable.dtype))
 
 
