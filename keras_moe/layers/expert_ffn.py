@@ -3,9 +3,13 @@
 import keras
 from keras import ops
 
+from keras_moe._checks import check_bool
+from keras_moe._checks import check_optional_seed
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe._checks import get_activation
+from keras_moe._checks import get_initializer
+from keras_moe._checks import get_regularizer
 from keras_moe.api_export import keras_moe_export
 from keras_moe.layers._seed_state import SavesSeedStates
 
@@ -109,14 +113,22 @@ class FeedForwardBase(SavesSeedStates, keras.layers.Layer):
         check_rate("dropout", dropout)
         self.intermediate_dim = intermediate_dim
         self.activation = get_activation(activation)
-        self.gated = bool(gated)
-        self.use_bias = use_bias
+        self.gated = check_bool("gated", gated)
+        self.use_bias = check_bool("use_bias", use_bias)
         self.dropout = float(dropout)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.seed = seed
+        self.kernel_initializer = get_initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = get_initializer(
+            "bias_initializer", bias_initializer
+        )
+        self.kernel_regularizer = get_regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.bias_regularizer = get_regularizer(
+            "bias_regularizer", bias_regularizer
+        )
+        self.seed = check_optional_seed(seed)
         self.dropout_layer = (
             keras.layers.Dropout(
                 self.dropout, seed=seed, dtype=self.dtype_policy, name="dropout"

@@ -3,9 +3,13 @@
 import keras
 from keras import ops
 
+from keras_moe._checks import check_bool
 from keras_moe._checks import check_non_negative_float
+from keras_moe._checks import check_optional_seed
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
+from keras_moe._checks import get_initializer
+from keras_moe._checks import get_regularizer
 from keras_moe.api_export import keras_moe_export
 from keras_moe.layers._seed_state import SavesSeedStates
 from keras_moe.routing.top_k import stable_top_k
@@ -110,6 +114,10 @@ class TopKRouter(SavesSeedStates, keras.layers.Layer):
                 f"1 <= top_k <= num_experts={num_experts}. Received: "
                 f"top_k={top_k}"
             )
+        normalize_weights = check_bool("normalize_weights", normalize_weights)
+        softmax_after_top_k = check_bool(
+            "softmax_after_top_k", softmax_after_top_k
+        )
         if normalize_weights and softmax_after_top_k:
             raise ValueError(
                 "`normalize_weights=True` cannot be combined with "
@@ -121,15 +129,21 @@ class TopKRouter(SavesSeedStates, keras.layers.Layer):
         check_non_negative_float("logit_noise_std", logit_noise_std)
         self.num_experts = num_experts
         self.top_k = top_k
-        self.normalize_weights = bool(normalize_weights)
-        self.softmax_after_top_k = bool(softmax_after_top_k)
+        self.normalize_weights = normalize_weights
+        self.softmax_after_top_k = softmax_after_top_k
         self.jitter_noise = float(jitter_noise)
         self.logit_noise_std = float(logit_noise_std)
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.seed = seed
+        self.use_bias = check_bool("use_bias", use_bias)
+        self.kernel_initializer = get_initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = get_initializer(
+            "bias_initializer", bias_initializer
+        )
+        self.kernel_regularizer = get_regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.seed = check_optional_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
 
