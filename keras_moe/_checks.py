@@ -98,14 +98,18 @@ def check_capacity_factor(name, value):
 
 
 def get_activation(activation):
-    """`keras.activations.get` with an error that names the argument."""
+    """`keras.activations.get` with an error that names the argument.
+
+    The error keeps Keras' own reason, e.g. that `safe_mode` refused to
+    deserialize a lambda.
+    """
     try:
         return keras.activations.get(activation)
     except (ValueError, TypeError) as error:
         raise ValueError(
             "Received an invalid value for `activation`, expected the name of "
             "a Keras activation (e.g. 'gelu', 'relu', 'silu') or a callable. "
-            f"Received: activation={activation!r}"
+            f"Received: activation={activation!r}. Reason: {error}"
         ) from error
 
 

@@ -244,7 +244,15 @@ class SparseMoE(keras.layers.Layer):
                 name="router",
             )
         if isinstance(router, dict):
-            router = keras.saving.deserialize_keras_object(router)
+            try:
+                router = keras.saving.deserialize_keras_object(router)
+            except (TypeError, ValueError) as error:
+                # E.g. an unknown class, or a lambda refused by safe_mode.
+                raise ValueError(
+                    "Received an invalid value for `router`: its config could "
+                    f"not be deserialized. Received: router={router!r}. "
+                    f"Reason: {error}"
+                ) from error
         if not isinstance(router, keras.layers.Layer):
             raise ValueError(
                 "Received an invalid value for `router`, expected None or a "

@@ -38,6 +38,7 @@ MALFORMED = [
     (SparseMoE, "activation", 3, "activation=3"),
     (SparseMoE, "kernel_initializer", "nope", "kernel_initializer='nope'"),
     (SparseMoE, "bias_regularizer", "nope", "bias_regularizer='nope'"),
+    (SparseMoE, "router", {"class_name": "NoSuchRouter", "config": {}}, "router=.*NoSuchRouter"),
     (SparseMoE, "router", keras.saving.serialize_keras_object(keras.layers.Dense(2)), "router.num_experts=None"),
     (SparseMoE, "seed", "abc", "seed='abc'"),
     (TopKRouter, "normalize_weights", "false", "normalize_weights='false'"),
