@@ -11,8 +11,6 @@ from tests.utils import to_numpy
 SEQUENCE_LENGTH = 7
 MODEL_DIM = 6
 OUTPUT_DIM = 3
-
-
 VOCABULARY_SIZE = 11
 
 
@@ -95,32 +93,25 @@ def _to_numpy_tree(tree):
     )
 
 
-def compiled(layer, fn):
-    """A callable running `fn()` (a call or method of `layer`) like `fit` does.
+def run(layer, fn):
+    """Runs `fn()` (a call or method of `layer`) as `fit` or `predict` would.
 
-    Each call of the returned function gives `(result, losses)` as NumPy,
-    `losses` being the losses `fn` added (none for `route`), and writes the
-    layer's state updates (routing statistics, seed generators) back to its
-    variables. On JAX, `fn` is compiled once with `jax.jit` and the compiled
-    program runs on every call, as in `fit` and `predict`; eager JAX would
-    compile every operation separately, seconds per new shape. Elsewhere
-    `fn` runs eagerly on every call.
+    Returns `(result, losses)` as NumPy, `losses` being the losses `fn`
+    added (none for `route`); the layer's state updates (routing statistics,
+    seed generators) are written back to its variables. On JAX, `fn` runs
+    compiled by `jax.jit`: eager JAX compiles every operation on its own,
+    seconds for each new shape. Elsewhere `fn` runs eagerly.
     """
     if not layer.built:
         # Variables created inside a JAX trace would leak tracers.
-        raise ValueError(f"Build {layer.name} before compiling calls of it.")
+        raise ValueError(f"Build {layer.name} before running calls of it.")
     if keras.backend.backend() != "jax":
-
-        def eager():
-            before = list(layer.losses)
-            result = fn()
-            losses = [
-                loss for loss in layer.losses
-                if not any(loss is old for old in before)
-            ]
-            return _to_numpy_tree(result), [to_numpy(loss) for loss in losses]
-
-        return eager
+        before = list(layer.losses)
+        result = fn()
+        losses = [
+            loss for loss in layer.losses if not any(loss is old for old in before)
+        ]
+        return _to_numpy_tree(result), [to_numpy(loss) for loss in losses]
     import jax
 
     variables = list(layer.variables)
@@ -133,20 +124,10 @@ def compiled(layer, fn):
         new_values = [scope.get_current_value(v) for v in variables]
         return result, list(scope.losses), new_values
 
-    pure = jax.jit(pure)
-
-    def run_compiled():
-        result, losses, new_values = pure([v.value for v in variables])
-        for variable, value in zip(variables, new_values):
-            variable.assign(value)
-        return _to_numpy_tree(result), [to_numpy(loss) for loss in losses]
-
-    return run_compiled
-
-
-def run(layer, fn):
-    """`compiled(layer, fn)()`: runs `fn` once."""
-    return compiled(layer, fn)()
+    result, losses, new_values = jax.jit(pure)([v.value for v in variables])
+    for variable, value in zip(variables, new_values):
+        variable.assign(value)
+    return _to_numpy_tree(result), [to_numpy(loss) for loss in losses]
 
 
 def probe(layer, inputs, mask=None, has_route=True, cotangent=None):
