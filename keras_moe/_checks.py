@@ -1,8 +1,10 @@
 """Argument checks shared by the layers; each error names the argument and value."""
 
+import inspect
 import numbers
 
 import keras
+import numpy as np
 
 
 def check_positive_int(name, value, minimum=1):
@@ -35,6 +37,26 @@ def check_optional_positive_int(name, value):
 def check_seed(seed):
     """Returns `seed` as a non-negative `int`, or raises `ValueError`."""
     return check_positive_int("seed", seed, minimum=0)
+
+
+def check_optional_seed(seed):
+    """Like `check_seed`, but `None` (unseeded) is allowed and returned."""
+    return None if seed is None else check_seed(seed)
+
+
+def check_bool(name, value):
+    """Returns `value` as a `bool`, or raises ValueError naming `name`.
+
+    Only Python and NumPy booleans are accepted: `bool("false")` is True,
+    so a string (e.g. from a hand-edited config) would silently flip the
+    option on.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a bool. "
+            f"Received: {name}={value!r}"
+        )
+    return bool(value)
 
 
 def check_non_negative_float(name, value):
@@ -76,12 +98,64 @@ def check_capacity_factor(name, value):
 
 
 def get_activation(activation):
-    """`keras.activations.get` with an error that names the argument."""
+    """`keras.activations.get` with an error that names the argument.
+
+    The error keeps Keras' own reason, e.g. that `safe_mode` refused to
+    deserialize a lambda.
+    """
     try:
         return keras.activations.get(activation)
     except (ValueError, TypeError) as error:
         raise ValueError(
             "Received an invalid value for `activation`, expected the name of "
             "a Keras activation (e.g. 'gelu', 'relu', 'silu') or a callable. "
-            f"Received: activation={activation!r}"
+            f"Received: activation={activation!r}. Reason: {error}"
         ) from error
+
+
+def get_initializer(name, value):
+    """`keras.initializers.get` with an error that names the argument."""
+    try:
+        return keras.initializers.get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected the name, "
+            "config or instance of a Keras initializer (e.g. "
+            f"'glorot_uniform'). Received: {name}={value!r}. Reason: {error}"
+        ) from error
+
+
+def get_regularizer(name, value):
+    """`keras.regularizers.get` (None allowed), naming the argument on error."""
+    try:
+        return keras.regularizers.get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected None or the "
+            "name, config or instance of a Keras regularizer (e.g. 'l2'). "
+            f"Received: {name}={value!r}. Reason: {error}"
+        ) from error
+
+
+def check_config(cls, config):
+    """Raises ValueError unless `config` is a dict with `cls`'s required args.
+
+    Used by `from_config` (see `keras_moe.api_export`): without it a missing
+    argument surfaces as a TypeError about `__init__`'s signature.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{cls.__name__}.from_config expected a dict (the output of "
+            f"get_config). Received: config={config!r}"
+        )
+    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        required = parameter.default is inspect.Parameter.empty and (
+            parameter.kind
+            in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        )
+        if required and parameter.name not in config:
+            raise ValueError(
+                f"{cls.__name__}.from_config: missing required argument "
+                f"`{parameter.name}`. Received: config with keys "
+                f"{sorted(config)}"
+            )

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
     """Each test starts from a clean Keras global state and seed."""
-    keras.utils.clear_session()
+    keras.utils.clear_session(free_memory=False)
     keras.config.set_dtype_policy("float32")
     keras.utils.set_random_seed(1337)
     yield

@@ -7,16 +7,21 @@ and `ExpertChoiceRouter` build on it, and a user's own router may too.
 import keras
 from keras import ops
 
+from keras_moe._checks import check_bool
 from keras_moe._checks import check_non_negative_float
+from keras_moe._checks import check_optional_seed
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
+from keras_moe._checks import get_initializer
+from keras_moe._checks import get_regularizer
+from keras_moe.layers._seed_state import SavesSeedStates
 
 TOKEN_CHOICE = "token_choice"
 EXPERT_CHOICE = "expert_choice"
 ROUTING_TYPES = (TOKEN_CHOICE, EXPERT_CHOICE)
 
 
-class BaseRouter(keras.layers.Layer):
+class BaseRouter(SavesSeedStates, keras.layers.Layer):
     """Base class of the routers: a float32 projection to one logit per expert.
 
     Holds what all routers share: the `(d_model, E)` float32 kernel (and
@@ -107,13 +112,23 @@ class BaseRouter(keras.layers.Layer):
         self.top_k = top_k
         self.jitter_noise = float(jitter_noise)
         self.logit_noise_std = float(logit_noise_std)
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.seed = seed
+        self.use_bias = check_bool("use_bias", use_bias)
+        self.kernel_initializer = get_initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = get_initializer(
+            "bias_initializer", bias_initializer
+        )
+        self.kernel_regularizer = get_regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.seed = check_optional_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
+
+    def _saved_seed_generators(self):
+        # Saved with the kernel, so a restored router continues its noise.
+        return [self.seed_generator]
 
     # === Router interface defaults ===
 
@@ -139,12 +154,17 @@ class BaseRouter(keras.layers.Layer):
                 f"{type(self).__name__} needs a known last dimension "
                 f"(d_model). Received: input_shape={input_shape}"
             )
+        # `autocast=False` on the weights too: Keras opens an autocast scope
+        # for a layer whose policy is mixed when it is called outside any
+        # other layer (a router on its own, or from `SparseMoE.route`), and
+        # would then read them rounded to the compute dtype.
         self.kernel = self.add_weight(
             name="kernel",
             shape=(model_dim, self.num_experts),
             initializer=self.kernel_initializer,
             regularizer=self.kernel_regularizer,
             dtype="float32",
+            autocast=False,
         )
         if self.use_bias:
             self.bias = self.add_weight(
@@ -152,6 +172,7 @@ class BaseRouter(keras.layers.Layer):
                 shape=(self.num_experts,),
                 initializer=self.bias_initializer,
                 dtype="float32",
+                autocast=False,
             )
         else:
             self.bias = None

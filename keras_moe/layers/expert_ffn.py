@@ -3,10 +3,15 @@
 import keras
 from keras import ops
 
+from keras_moe._checks import check_bool
+from keras_moe._checks import check_optional_seed
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe._checks import get_activation
+from keras_moe._checks import get_initializer
+from keras_moe._checks import get_regularizer
 from keras_moe.api_export import keras_moe_export
+from keras_moe.layers._seed_state import SavesSeedStates
 from keras_moe.routing.grouped_matmul import group_of_rows
 from keras_moe.routing.grouped_matmul import grouped_matmul
 
@@ -100,7 +105,7 @@ def feed_forward(
     return project(hidden, output_kernel, output_bias)
 
 
-class FeedForwardBase(keras.layers.Layer):
+class FeedForwardBase(SavesSeedStates, keras.layers.Layer):
     """Shared arguments, weights and config of `FeedForward` and `ExpertFFN`.
 
     Subclasses call `build_weights(leading_shape, model_dim)`, where
@@ -126,14 +131,22 @@ class FeedForwardBase(keras.layers.Layer):
         check_rate("dropout", dropout)
         self.intermediate_dim = intermediate_dim
         self.activation = get_activation(activation)
-        self.gated = bool(gated)
-        self.use_bias = use_bias
+        self.gated = check_bool("gated", gated)
+        self.use_bias = check_bool("use_bias", use_bias)
         self.dropout = float(dropout)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.seed = seed
+        self.kernel_initializer = get_initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = get_initializer(
+            "bias_initializer", bias_initializer
+        )
+        self.kernel_regularizer = get_regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.bias_regularizer = get_regularizer(
+            "bias_regularizer", bias_regularizer
+        )
+        self.seed = check_optional_seed(seed)
         self.dropout_layer = (
             keras.layers.Dropout(
                 self.dropout, seed=seed, dtype=self.dtype_policy, name="dropout"
@@ -141,6 +154,12 @@ class FeedForwardBase(keras.layers.Layer):
             if self.dropout > 0
             else None
         )
+
+    def _saved_seed_generators(self):
+        # The Dropout sublayer has no variables to hold its seed state.
+        if self.dropout_layer is None:
+            return []
+        return [self.dropout_layer.seed_generator]
 
     def build_weights(self, leading_shape, model_dim):
         leading_shape = tuple(leading_shape)

@@ -148,6 +148,7 @@ class NoisyTopKRouter(TopKRouter):
                 shape=(input_shape[-1], self.num_experts),
                 initializer=self.noise_kernel_initializer,
                 dtype="float32",
+                autocast=False,  # float32 under mixed policies (BaseRouter)
             )
         else:
             self.noise_kernel = None

@@ -12,8 +12,10 @@ from keras_moe.routing import expert_choice
 from keras_moe.distribution import _check_built_layer
 from keras_moe.distribution import _constrain
 from keras_moe.distribution import _distribution_active
+from keras_moe._checks import check_bool
 from keras_moe._checks import check_capacity_factor
 from keras_moe._checks import check_non_negative_float
+from keras_moe._checks import check_optional_seed
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe.api_export import keras_moe_export
@@ -294,11 +296,8 @@ class SparseMoE(keras.layers.Layer):
                 "load_balance_loss_weight", load_balance_loss_weight
             )
         check_non_negative_float("z_loss_weight", z_loss_weight)
-        if not isinstance(causal, bool):
-            raise ValueError(
-                "Received an invalid value for `causal`, expected a bool. "
-                f"Received: causal={causal!r}"
-            )
+        causal = check_bool("causal", causal)
+        seed = check_optional_seed(seed)
         self.num_experts = num_experts
         self.intermediate_dim = intermediate_dim
         self.top_k = top_k
@@ -454,7 +453,15 @@ class SparseMoE(keras.layers.Layer):
                 name="router",
             )
         if isinstance(router, dict):
-            router = keras.saving.deserialize_keras_object(router)
+            try:
+                router = keras.saving.deserialize_keras_object(router)
+            except (TypeError, ValueError) as error:
+                # E.g. an unknown class, or a lambda refused by safe_mode.
+                raise ValueError(
+                    "Received an invalid value for `router`: its config could "
+                    f"not be deserialized. Received: router={router!r}. "
+                    f"Reason: {error}"
+                ) from error
         if not isinstance(router, keras.layers.Layer):
             raise ValueError(
                 "Received an invalid value for `router`, expected None, one "

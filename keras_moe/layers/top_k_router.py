@@ -2,6 +2,7 @@
 
 from keras import ops
 
+from keras_moe._checks import check_bool
 from keras_moe.api_export import keras_moe_export
 from keras_moe.layers.base_router import BaseRouter
 from keras_moe.routing.top_k import stable_top_k
@@ -112,6 +113,10 @@ class TopKRouter(BaseRouter):
             seed=seed,
             **kwargs,
         )
+        normalize_weights = check_bool("normalize_weights", normalize_weights)
+        softmax_after_top_k = check_bool(
+            "softmax_after_top_k", softmax_after_top_k
+        )
         if normalize_weights and softmax_after_top_k:
             raise ValueError(
                 "`normalize_weights=True` cannot be combined with "
@@ -119,8 +124,8 @@ class TopKRouter(BaseRouter):
                 "logits already sums to 1. Received: normalize_weights=True, "
                 "softmax_after_top_k=True"
             )
-        self.normalize_weights = bool(normalize_weights)
-        self.softmax_after_top_k = bool(softmax_after_top_k)
+        self.normalize_weights = normalize_weights
+        self.softmax_after_top_k = softmax_after_top_k
 
     def select(self, logits):
         """Top-k selection from logits `(..., E)`.
