@@ -139,10 +139,13 @@ class TransformerBlock(keras.layers.Layer):
     Causal blocks (`causal=True`, decoder-only language models) use a causal
     attention mask and need a causal feed-forward (`SparseMoE(causal=True)`,
     which fills expert capacity in token order and refuses routers that
-    compare tokens). The block hands such a layer its tokens position by
+    compare tokens). When that layer routes the whole batch as one group
+    (`group_size=None`), the block hands it the tokens position by
     position, `(tokens, batch, d_model)`, so that capacity is given out in
-    position order across the whole batch: no output at position t depends
-    on any token after t, in any sequence of the batch.
+    position order across the batch: no output at position t depends on any
+    token after t, in any sequence of the batch. With a `group_size` that
+    divides the sequence length (one or more groups per sequence, as expert
+    parallelism needs) each sequence depends only on its own earlier tokens.
 
     Args:
         num_heads: int, attention heads.
@@ -223,6 +226,11 @@ class TransformerBlock(keras.layers.Layer):
 
     def _check_feed_forward(self, feed_forward):
         if isinstance(feed_forward, dict):
+            # Built by the block's own `build`, so that its variables get the
+            # same paths (`block/feed_forward/...`) as in the original model:
+            # layout maps and checkpoints are keyed on them.
+            feed_forward = dict(feed_forward)
+            feed_forward.pop("build_config", None)
             feed_forward = keras.saving.deserialize_keras_object(feed_forward)
         if not isinstance(feed_forward, keras.layers.Layer):
             raise ValueError(
@@ -333,7 +341,14 @@ class TransformerBlock(keras.layers.Layer):
         return None if self.seed is None else self.seed + offset
 
     def _position_major(self):
-        return self.causal and self.is_moe
+        # Only one routing group for the whole batch (`group_size=None`) can
+        # mix sequences; with a `group_size` dividing the sequence length
+        # every group lies inside one sequence and token order is enough.
+        return (
+            self.causal
+            and self.is_moe
+            and getattr(self.feed_forward, "group_size", None) is None
+        )
 
     def _apply_feed_forward(self, x, mask, training):
         """The feed-forward block on normalised tokens `(batch, tokens, d)`."""

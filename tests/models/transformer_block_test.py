@@ -251,6 +251,17 @@ class TransformerBlockBasicsTest(testing.TestCase):
         self.assertEqual(config["feed_forward"]["class_name"], "SparseMoE")
         self.assertTrue(TransformerBlock.from_config(config).is_moe)
 
+    def test_restored_blocks_keep_variable_paths(self):
+        # Layout maps (expert parallelism) and checkpoints are keyed on paths.
+        inputs = keras.Input((4, 8))
+        block = TransformerBlock(num_heads=2, feed_forward=moe(name="ff"), name="b")
+        model = keras.Model(inputs, block(inputs))
+        restored = keras.Model.from_config(model.get_config())
+        self.assertIn("b/ff/experts/intermediate_kernel", [v.path for v in model.weights])
+        self.assertEqual(
+            sorted(v.path for v in restored.weights), sorted(v.path for v in model.weights)
+        )
+
     def test_invalid_arguments(self):
         ff = FeedForward(8)
         cases = [
@@ -321,3 +332,29 @@ class FeedForwardLayerTest(testing.TestCase):
         model = keras.Model(inputs, outputs)
         result = model(np.array([[1, 2, 0]]))
         self.assertEqual(tuple(ops.shape(result)), (1, 3, 8))
+
+
+class CausalGroupsTest(testing.TestCase):
+    def test_groups_inside_sequences_are_causal_and_batch_independent(self):
+        # One routing group per sequence (as expert parallelism needs): no
+        # position-major reordering, and each sequence only depends on its
+        # own earlier tokens, even with tight capacity.
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(3, 8, 8)).astype("float32")
+        block = TransformerBlock(
+            num_heads=2,
+            feed_forward=moe(
+                capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1,
+                causal=True, group_size=8,
+            ),
+            causal=True,
+        )
+        self.assertFalse(block._position_major())
+        outputs = to_numpy(block(x))
+        changed = x.copy()
+        changed[0, 4:] = rng.normal(size=(4, 8))
+        changed_outputs = to_numpy(block(changed))
+        self.assertAllClose(changed_outputs[0, :4], outputs[0, :4], atol=1e-5)
+        self.assertAllClose(changed_outputs[1:], outputs[1:], atol=1e-5)
+        self.assertNotAllClose(changed_outputs[0, 4:], outputs[0, 4:])
+
