@@ -229,7 +229,7 @@ def flops_per_token(model, sequence_length=None):
             # One add per bias value; expert biases are (E, h), attention
             # biases (heads, head_dim).
             per_layer[id(layer)] += fraction * _size(variable)
-        elif len(variable.shape) >= 2 and "token" not in name:
+        elif len(variable.shape) >= 2 and not name.endswith("token"):
             # A kernel: one multiply-add per weight per token.
             per_layer[id(layer)] += 2.0 * fraction * _size(variable)
         elif len(variable.shape) == 1:

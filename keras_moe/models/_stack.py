@@ -10,6 +10,19 @@ from keras_moe.models.transformer_block import TransformerBlock
 from keras_moe.models.transformer_block import feed_forward_layer
 
 
+# TokenAndPositionEmbedding hands its masked token embeddings to its inner
+# PositionEmbedding, which only reads their shape, and then puts the mask
+# back on its output itself; Keras warns on every such call (also in models
+# loaded from `.keras` files) that the inner layer "destroys" the mask. It
+# does not: silence just that warning.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Layer 'position_embedding' \(of type PositionEmbedding\) "
+    r"was passed an input with a mask",
+    category=UserWarning,
+)
+
+
 def keras_hub_layers():
     """`keras_hub.layers`, imported on first use.
 
@@ -26,17 +39,6 @@ def keras_hub_layers():
             "The keras_moe.models builders use KerasHub's embedding layers: "
             "`pip install keras-hub`, or `pip install keras-moe[models]`."
         ) from error
-    # TokenAndPositionEmbedding hands its masked token embeddings to its
-    # inner PositionEmbedding, which only reads their shape, and then puts
-    # the mask back on its output itself; Keras warns on every such call
-    # that the inner layer "destroys" the mask. It does not: silence just
-    # that warning.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"Layer 'position_embedding' \(of type PositionEmbedding\) "
-        r"was passed an input with a mask",
-        category=UserWarning,
-    )
     return keras_hub.layers
 
 
