@@ -95,10 +95,16 @@ def base_parser(description, datasets, dense_baseline, defaults):
     return parser
 
 
-def apply_smoke(args, sizes):
-    """Shrinks `args` in place for `--smoke`."""
+def parse(parser, argv, smoke_sizes):
+    """Parses `argv`, checks the MoE placement, shrinks sizes for `--smoke`."""
+    args = parser.parse_args(argv)
+    if args.moe_layers.strip().lower() == "none":
+        parser.error(
+            "--moe-layers none leaves no MoE layer; the dense model is "
+            "--dense-baseline"
+        )
     if args.smoke:
-        for name, value in sizes.items():
+        for name, value in smoke_sizes.items():
             setattr(args, name, value)
     return args
 
@@ -202,6 +208,18 @@ def evaluate_classifier(model, split, batch_size):
     loss = -np.take_along_axis(log_probs, split.y[:, None], axis=-1).mean()
     correct = logits.argmax(axis=-1) == split.y
     return float(loss), float(correct.mean()), correct
+
+
+def require_moe_layers(model, args):
+    """Stops with a message when the placement left the model without MoE."""
+    from keras_moe import models
+
+    if not models.moe_blocks(model):
+        sys.exit(
+            f"--moe-layers {args.moe_layers} with --num-layers "
+            f"{args.num_layers} puts no MoE layer in the model; try "
+            "--moe-layers all or last-1"
+        )
 
 
 def describe_sizes(model, sequence_length):

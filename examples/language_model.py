@@ -64,7 +64,7 @@ def parse_args(argv=None):
         help="bytes to sample after training (default %(default)s)",
     )
     parser.add_argument("--temperature", type=float, default=0.7)
-    return _common.apply_smoke(parser.parse_args(argv), SMOKE)
+    return _common.parse(parser, argv, SMOKE)
 
 
 def load_data(args):
@@ -152,6 +152,8 @@ def main(argv=None):
     results, trained = {}, {}
     for label, dense in variants:
         model = build_model(args, info, dense)
+        if not dense:
+            _common.require_moe_layers(model, args)
         sizes = _common.describe_sizes(model, args.sequence_length)
         print(
             f"\n=== {model.name}: {sizes['total_params']:,} parameters, "

@@ -58,7 +58,7 @@ def parse_args(argv=None):
         help="bytes per example (default %(default)s; IMDB reviews are cut)",
     )
     parser.add_argument("--dropout", type=float, default=0.1)
-    return _common.apply_smoke(parser.parse_args(argv), SMOKE)
+    return _common.parse(parser, argv, SMOKE)
 
 
 def load_data(args):
@@ -128,6 +128,8 @@ def main(argv=None):
     results, moe_model, monitor = {}, None, None
     for label, dense in variants:
         model = build_model(args, info, dense)
+        if not dense:
+            _common.require_moe_layers(model, args)
         sizes = _common.describe_sizes(model, args.sequence_length)
         print(
             f"\n=== {model.name}: {sizes['total_params']:,} parameters, "

@@ -60,7 +60,7 @@ def parse_args(argv=None):
         help="classify from a class token or the mean patch token",
     )
     parser.add_argument("--dropout", type=float, default=0.0)
-    return _common.apply_smoke(parser.parse_args(argv), SMOKE)
+    return _common.parse(parser, argv, SMOKE)
 
 
 def load_data(args):
@@ -129,6 +129,8 @@ def main(argv=None):
     results, trained = {}, {}
     for label, dense in variants:
         model = build_model(args, info, dense)
+        if not dense:
+            _common.require_moe_layers(model, args)
         sizes = _common.describe_sizes(model, tokens_per_image)
         print(
             f"\n=== {model.name}: {sizes['total_params']:,} parameters, "

@@ -99,6 +99,8 @@ def test_flags():
         example.parse_args(["--capacity-factor", "-1"])
     with pytest.raises(SystemExit):
         example.parse_args(["--dataset", "mnist"])
+    with pytest.raises(SystemExit):
+        example.parse_args(["--moe-layers", "none"])
 
 
 @pytest.mark.parametrize(

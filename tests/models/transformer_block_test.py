@@ -233,6 +233,8 @@ class TransformerBlockBasicsTest(testing.TestCase):
         block(x)
         restored = TransformerBlock.from_config(block.get_config())
         self.assertIsInstance(restored.feed_forward, FeedForward)
+        self.assertFalse(restored.feed_forward.built)  # built by the block
+        restored(x)
         self.assertEqual(restored.get_config(), block.get_config())
 
         # Upcycling: swap the built dense block for a SparseMoE.
