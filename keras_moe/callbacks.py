@@ -32,7 +32,11 @@ class RoutingMonitor(keras.callbacks.Callback):
     - `moe_dropped_fraction`: fraction of token-to-expert assignments
       dropped at capacity;
     - `moe_load_imbalance`: max expert load / mean expert load (1.0 =
-      balanced), averaged over steps.
+      balanced), averaged over steps;
+    - one key per balancing loss a router declares, e.g.
+      `moe_importance_loss` and `moe_load_loss` (`NoisyTopKRouter`),
+      `moe_sequence_balance_loss` (`BiasBalancedRouter`), averaged over
+      the layers that have it.
 
     After training, `history[layer_name][stat]` holds one value per epoch
     (`expert_load` is a `(E,)` array per epoch) and
@@ -52,6 +56,8 @@ class RoutingMonitor(keras.callbacks.Callback):
     """
 
     LOGGED = ("balance_loss", "z_loss", "dropped_fraction", "load_imbalance")
+    # Kept in `history`/`step_history` but not in the logs.
+    NOT_LOGGED = ("steps", "dropped_assignments", "expert_load")
 
     def __init__(self, prefix="moe_", per_layer=False):
         super().__init__()
@@ -89,15 +95,32 @@ class RoutingMonitor(keras.callbacks.Callback):
             if (stats := layer.routing_statistics())["steps"] > 0
         }
 
+    def _logged(self, statistics):
+        """LOGGED, then the routers' own balancing losses, by name."""
+        extra = sorted(
+            {
+                stat
+                for layer_stats in statistics.values()
+                for stat in layer_stats
+                if stat not in self.LOGGED and stat not in self.NOT_LOGGED
+            }
+        )
+        return self.LOGGED + tuple(extra)
+
     def _write_logs(self, logs, statistics):
         if logs is None or not statistics:
             return
-        for stat in self.LOGGED:
-            values = [layer_stats[stat] for layer_stats in statistics.values()]
-            logs[f"{self.prefix}{stat}"] = float(np.mean(values))
+        for stat in self._logged(statistics):
+            # Averaged over the layers whose router reports it.
+            having = {
+                name: layer_stats[stat]
+                for name, layer_stats in statistics.items()
+                if stat in layer_stats
+            }
+            logs[f"{self.prefix}{stat}"] = float(np.mean(list(having.values())))
             if self.per_layer:
-                for name, layer_stats in statistics.items():
-                    logs[f"{self.prefix}{name}/{stat}"] = float(layer_stats[stat])
+                for name, value in having.items():
+                    logs[f"{self.prefix}{name}/{stat}"] = float(value)
 
     def on_train_batch_end(self, batch, logs=None):
         statistics = self._read()

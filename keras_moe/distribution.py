@@ -514,6 +514,11 @@ def _partitioned_top_k_needed():
     GSPMD, JAX 0.10): under a distribution it would gather the whole router
     output onto every device. A sort is partitioned.
     """
+    return _distribution_active()
+
+
+def _distribution_active():
+    """True when a `keras.distribution` is active and acted on (JAX)."""
     return (
         keras.backend.backend() == "jax"
         and keras.distribution.distribution() is not None

@@ -7,6 +7,8 @@ from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe._checks import get_activation
 from keras_moe.api_export import keras_moe_export
+from keras_moe.routing.grouped_matmul import group_of_rows
+from keras_moe.routing.grouped_matmul import grouped_matmul
 
 
 def clone_initializer(initializer, num_experts=None):
@@ -53,20 +55,36 @@ def feed_forward(
     activation=None,
     dropout=None,
     training=None,
+    group_sizes=None,
 ):
     """Applies a (possibly gated) two-layer feed-forward network.
 
-    Works for one network (kernels `(d, h)`, `(h, d)`, inputs `(..., d)`)
-    and for stacked experts (kernels `(E, d, h)`, `(E, h, d)`, inputs
-    `(E, C, d)`), where `ops.matmul` is one batched matmul over E. Biases are
-    `(h,)`/`(d,)` or `(E, h)`/`(E, d)`; stacked ones broadcast over C.
+    Works for one network (kernels `(d, h)`, `(h, d)`, inputs `(..., d)`),
+    for stacked experts on their own buffers (kernels `(E, d, h)`,
+    `(E, h, d)`, inputs `(E, C, d)`), where `ops.matmul` is one batched
+    matmul over E, and for stacked experts on rows sorted by expert (inputs
+    `(R, d)` with `group_sizes` `(E,)`: the first `group_sizes[0]` rows go
+    to expert 0, the next ones to expert 1, ...; `grouped_matmul`). Biases
+    are `(h,)`/`(d,)` or `(E, h)`/`(E, d)`.
 
     Gated (GLU) form: `activation(x @ gate_kernel) * (x @ intermediate_kernel)`,
     i.e. SwiGLU with `activation="silu"` and GeGLU with `"gelu"`.
     """
     stacked = len(intermediate_kernel.shape) == 3
+    if group_sizes is not None:
+        # (R,) expert of each row; rows past the groups use the last bias
+        # (their outputs are never read).
+        row_group = ops.minimum(
+            group_of_rows(group_sizes, ops.shape(inputs)[0]),
+            ops.shape(intermediate_kernel)[0] - 1,
+        )
 
     def project(x, kernel, bias):
+        if group_sizes is not None:
+            y = grouped_matmul(x, kernel, group_sizes)  # (R, out)
+            if bias is not None:
+                y = y + ops.take(bias, row_group, axis=0)
+            return y
         y = ops.matmul(x, kernel)
         if bias is not None:
             y = y + (ops.expand_dims(bias, 1) if stacked else bias)
@@ -242,11 +260,17 @@ class ExpertFFN(FeedForwardBase):
         **kwargs: base `Layer` arguments.
 
     Call arguments:
-        inputs: `(E, C, d)`, buffer `C` rows per expert.
+        inputs: `(E, C, d)`, buffer `C` rows per expert; or `(R, d)` rows
+            sorted by expert when `group_sizes` is given.
         training: bool, enables dropout.
+        group_sizes: optional int32 `(E,)`: `inputs` rows
+            `[start_e, start_e + group_sizes[e])` go to expert e (`start`
+            the exclusive cumulative sum); later rows give zeros (plus the
+            biases). The dropless mode's layout (`routing.dropless_layout`).
 
     Returns:
-        `(E, C, d)`: row `[e, c]` is expert e applied to `inputs[e, c]`.
+        `(E, C, d)`: row `[e, c]` is expert e applied to `inputs[e, c]`;
+        or `(R, d)` with `group_sizes`.
 
     Example:
 
@@ -261,10 +285,15 @@ class ExpertFFN(FeedForwardBase):
         self.num_experts = num_experts
 
     def build(self, input_shape):
+        if len(input_shape) == 2:
+            # Rows sorted by expert, (R, d), called with `group_sizes`.
+            self.build_weights((self.num_experts,), input_shape[-1])
+            return
         if len(input_shape) != 3:
             raise ValueError(
                 "ExpertFFN expects inputs of shape (num_experts, capacity, "
-                f"d_model). Received: input_shape={input_shape}"
+                "d_model), or (rows, d_model) with `group_sizes`. Received: "
+                f"input_shape={input_shape}"
             )
         if input_shape[0] is not None and input_shape[0] != self.num_experts:
             raise ValueError(
@@ -273,6 +302,21 @@ class ExpertFFN(FeedForwardBase):
                 f"input_shape={input_shape}"
             )
         self.build_weights((self.num_experts,), input_shape[-1])
+
+    def call(self, inputs, training=None, group_sizes=None):
+        return feed_forward(
+            inputs,
+            intermediate_kernel=self.intermediate_kernel,
+            output_kernel=self.output_kernel,
+            gate_kernel=self.gate_kernel,
+            intermediate_bias=self.intermediate_bias,
+            gate_bias=self.gate_bias,
+            output_bias=self.output_bias,
+            activation=self.activation,
+            dropout=self.dropout_layer,
+            training=training,
+            group_sizes=group_sizes,
+        )
 
     def get_config(self):
         return {**super().get_config(), "num_experts": self.num_experts}

@@ -1,19 +1,30 @@
 """SparseMoE: a drop-in sparse replacement for a dense feed-forward block."""
 
+import inspect
+
 import keras
 import numpy as np
 from keras import ops
 
 from keras_moe import losses
 from keras_moe import routing
+from keras_moe.routing import expert_choice
 from keras_moe.distribution import _check_built_layer
 from keras_moe.distribution import _constrain
+from keras_moe.distribution import _distribution_active
 from keras_moe._checks import check_capacity_factor
 from keras_moe._checks import check_non_negative_float
 from keras_moe._checks import check_positive_int
 from keras_moe._checks import check_rate
 from keras_moe.api_export import keras_moe_export
+from keras_moe.layers.base_router import EXPERT_CHOICE
+from keras_moe.layers.base_router import TOKEN_CHOICE
+from keras_moe.layers.bias_balanced_router import BiasBalancedRouter
+from keras_moe.layers.expert_choice_router import ExpertChoiceRouter
 from keras_moe.layers.expert_ffn import ExpertFFN
+from keras_moe.layers.expert_ffn import clone_initializer
+from keras_moe.layers.feed_forward import FeedForward
+from keras_moe.layers.noisy_top_k_router import NoisyTopKRouter
 from keras_moe.layers.top_k_router import TopKRouter
 
 # Routing statistics the layer accumulates during training, in the order the
@@ -26,6 +37,15 @@ STATISTICS = (
     "load_imbalance",
     "expert_load",
 )
+
+# Routers `SparseMoE(router=...)` builds from a name, with the layer's
+# `num_experts`, `top_k` and `seed` and each router's defaults.
+ROUTERS = {
+    "top_k": TopKRouter,
+    "noisy_top_k": NoisyTopKRouter,
+    "bias_balanced": BiasBalancedRouter,
+    "expert_choice": ExpertChoiceRouter,
+}
 
 def _has_symbolic_dimension(shape):
     """True for JAX shape-polymorphic dimensions (neither int nor tensor).
@@ -66,12 +86,24 @@ class SparseMoE(keras.layers.Layer):
        `capacity = max(min_capacity, ceil(capacity_factor * G * top_k / E))`
        assignments per group (never more than G); the rest are dropped and
        contribute 0, so the residual connection around the block carries
-       those tokens unchanged. `capacity_factor=None` drops nothing.
+       those tokens unchanged.
     4. Tokens are gathered into expert buffers `(E, N * C, d)` by index,
        the experts run as one batched matmul per projection, and outputs are
        gathered back and summed with the combine weights. No tensor of shape
        `(tokens, experts, capacity)` is built and no expert sees a token that
        was not routed to it.
+       Dropless (`capacity_factor=None`, or `eval_capacity_factor=None` at
+       inference): no capacity at all; every assignment gets one row of a
+       buffer `(T * k, d)` sorted by expert and a grouped matmul multiplies
+       each expert's rows only (`routing.grouped_matmul`: `ragged_dot` on
+       GPU/TPU, tiles on JAX's CPU, slices on TensorFlow and PyTorch), so the
+       work stays proportional to `T * k` for any routing. On TensorFlow
+       that buffer's groups have data-dependent shapes, so a dropless layer
+       opts its model out of XLA (`supports_jit = False`). Under expert
+       parallelism (`keras_moe.distribution`) tokens must travel in
+       fixed-size buffers, so dropless routing there falls back to buffers
+       of a whole group per expert (exact, but E times the work): shard
+       with a capacity factor.
     5. With a `keras.distribution` active (JAX), the groups are split over
        the data devices and the expert buffers over the `"expert"` mesh
        axis, so tokens reach their experts by all-to-all
@@ -82,14 +114,48 @@ class SparseMoE(keras.layers.Layer):
     - `load_balance_loss_weight * E * sum_i f_i P_i` (Switch), with `f_i` the
       fraction of all k assignments of valid tokens that chose expert i and
       `P_i` the mean router probability of expert i (1.0 when balanced);
-    - `z_loss_weight * mean_t logsumexp(logits_t)^2` (ST-MoE router z-loss).
+      by default (`load_balance_loss_weight=None`) weighted 1e-2 for
+      `TopKRouter` and 0 for the routers that balance otherwise;
+    - `z_loss_weight * mean_t logsumexp(logits_t)^2` (ST-MoE router z-loss);
+    - `weight * loss` for each balancing loss the router declares (see
+      `keras_moe.layers.base_router.BaseRouter`), e.g. the importance and
+      load losses of `NoisyTopKRouter`.
+
+    Routing options, each one argument:
+    - `router="noisy_top_k"`: Shazeer et al.'s noisy top-k gating with
+      learned noise and importance/load losses (`NoisyTopKRouter`);
+    - `router="bias_balanced"`: DeepSeek-V3's auxiliary-loss-free balancing
+      by a per-expert selection bias (`BiasBalancedRouter`);
+    - `router="expert_choice"`: every expert takes its top-C tokens of each
+      group (`ExpertChoiceRouter`, Zhou et al.): exactly C tokens per
+      expert, a token may get several experts or none, no balancing loss;
+      here `top_k` is the average number of experts per token and the
+      capacity formula below gives C;
+    - `priority="batch_prioritized"`: V-MoE's Batch Prioritized Routing,
+      when an expert is over capacity the tokens with the lowest top
+      combine weight are dropped first instead of the latest ones;
+    - `num_shared_experts=S`: S always-on experts beside the routed ones
+      (DeepSeekMoE, Qwen-MoE), stored as one `FeedForward` of width
+      `S * shared_intermediate_dim` (a sum of S experts is one wider
+      feed-forward block), optionally scaled by a per-token sigmoid gate
+      (`shared_expert_gate=True`, Qwen-MoE);
+    - `expert_dropout=r`: dropout on the hidden activations inside the
+      (routed and shared) experts only, separate from the rest of the
+      model's dropout (Switch uses 0.4 inside experts when fine-tuning).
+    A dense mixture (Jacobs et al., 1991: every expert on every token,
+    weighted by the gate's softmax) is `top_k=num_experts,
+    capacity_factor=None, eval_capacity_factor=None`, or the cheaper
+    `keras_moe.DenseMoE`; Soft MoE is `keras_moe.SoftMoE`.
 
     Routing statistics: every training call adds this step's values to
     non-trainable state variables (updated correctly under JAX's jit as well
     as on TensorFlow and PyTorch): the unweighted balancing loss and z-loss,
     the fraction and the number of assignments dropped at capacity, the load
     imbalance (max expert load / mean expert load, 1.0 when balanced) and the
-    fraction of assignments per expert. `routing_statistics()` returns their
+    fraction of assignments per expert, plus each balancing loss the router
+    declares (e.g. `importance_loss`, `load_loss`); with expert choice,
+    `dropped_fraction` is the fraction of tokens no expert took.
+    `routing_statistics()` returns their
     means since the last `reset_routing_statistics()`;
     `keras_moe.callbacks.RoutingMonitor` puts them in `model.fit`'s logs.
 
@@ -112,15 +178,34 @@ class SparseMoE(keras.layers.Layer):
             SwiGLU (Mixtral, Qwen-MoE); `"gelu"` gives GeGLU.
         use_bias: bool, biases in the experts.
         expert_dropout: float in [0, 1), dropout inside the experts.
-        router: None (a `TopKRouter(num_experts, top_k)`), or a router layer
-            with matching `num_experts` and `top_k` (e.g. a `TopKRouter`
-            with `normalize_weights=True` for Mixtral-style weights).
-        load_balance_loss_weight: float >= 0, 0 turns the loss off.
+        num_shared_experts: int >= 0, always-on experts beside the routed
+            ones (DeepSeekMoE, Qwen-MoE); 0 (default) for none.
+        shared_intermediate_dim: int or None, hidden width of each shared
+            expert; None uses `intermediate_dim`.
+        shared_expert_gate: bool, multiply the shared experts' output by
+            `sigmoid(x w)` with a learned `(d_model, 1)` kernel (Qwen-MoE).
+        router: None (a `TopKRouter(num_experts, top_k)`), one of the names
+            `"top_k"`, `"noisy_top_k"`, `"bias_balanced"`,
+            `"expert_choice"` (that router with its defaults), or a router
+            layer with matching `num_experts` and `top_k` (e.g. a
+            `TopKRouter` with `normalize_weights=True` for Mixtral-style
+            weights). Any layer with the interface described in
+            `keras_moe.layers.base_router.BaseRouter` works.
+        load_balance_loss_weight: float >= 0 or None, weight of the Switch
+            load-balancing loss; 0 turns it off. None (default) uses the
+            router's `default_load_balance_loss_weight`: 1e-2 for
+            `TopKRouter`, 0 for routers that balance by themselves or with
+            their own losses (noisy top-k, bias-balanced, expert choice).
         z_loss_weight: float >= 0, 0 turns the loss off.
         causal: bool, the layer sits in an autoregressive model: capacity
             slots are filled in token order so that no token's routing
             depends on later tokens, and routers that compare tokens across
             the group are refused.
+        priority: None or one of `routing.PRIORITIES`: the order in which
+            capacity slots are handed out (token choice only). None gives
+            `"token_major"` with `causal=True` and `"k_major"` otherwise;
+            `"batch_prioritized"` is V-MoE's Batch Prioritized Routing (not
+            with `causal=True`).
         kernel_initializer: initializer of the expert kernels (with
             per-expert fans).
         bias_initializer: initializer of the expert biases.
@@ -151,6 +236,13 @@ class SparseMoE(keras.layers.Layer):
         - Lepikhin et al., 2020, "GShard".
         - Fedus et al., 2021, "Switch Transformers".
         - Zoph et al., 2022, "ST-MoE".
+        - Riquelme et al., 2021, "Scaling Vision with Sparse Mixture of
+          Experts" (batch prioritized routing).
+        - Zhou et al., 2022, "Mixture-of-Experts with Expert Choice
+          Routing".
+        - Dai et al., 2024, "DeepSeekMoE"; Qwen Team, 2024, "Qwen1.5-MoE"
+          (shared experts).
+        - DeepSeek-AI, 2024, "DeepSeek-V3 Technical Report".
     """
 
     def __init__(
@@ -166,10 +258,14 @@ class SparseMoE(keras.layers.Layer):
         gated=False,
         use_bias=True,
         expert_dropout=0.0,
+        num_shared_experts=0,
+        shared_intermediate_dim=None,
+        shared_expert_gate=False,
         router=None,
-        load_balance_loss_weight=1e-2,
+        load_balance_loss_weight=None,
         z_loss_weight=1e-3,
         causal=False,
+        priority=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -193,9 +289,10 @@ class SparseMoE(keras.layers.Layer):
         if group_size is not None:
             check_positive_int("group_size", group_size)
         check_rate("expert_dropout", expert_dropout)
-        check_non_negative_float(
-            "load_balance_loss_weight", load_balance_loss_weight
-        )
+        if load_balance_loss_weight is not None:
+            check_non_negative_float(
+                "load_balance_loss_weight", load_balance_loss_weight
+            )
         check_non_negative_float("z_loss_weight", z_loss_weight)
         if not isinstance(causal, bool):
             raise ValueError(
@@ -210,15 +307,40 @@ class SparseMoE(keras.layers.Layer):
         self.min_capacity = min_capacity
         self.group_size = group_size
         self.expert_dropout = float(expert_dropout)
-        self.load_balance_loss_weight = float(load_balance_loss_weight)
         self.z_loss_weight = float(z_loss_weight)
         self.causal = causal
         self.seed = seed
         self.supports_masking = True
+        if keras.backend.backend() == "tensorflow" and None in (
+            capacity_factor,
+            eval_capacity_factor,
+        ):
+            # The dropless path's TensorFlow grouped matmul has shapes that
+            # depend on the routing, which XLA cannot compile; Keras then
+            # trains this model without XLA.
+            self.supports_jit = False
 
         # === Layers ===
         self.router = self._make_router(router)
-        self._custom_router = router is not None
+        self._router_argument = router
+        # The Switch loss weight: explicit, or the router's default.
+        if load_balance_loss_weight is None:
+            load_balance_loss_weight = getattr(
+                self.router, "default_load_balance_loss_weight", 1e-2
+            )
+        self.load_balance_loss_weight = float(load_balance_loss_weight)
+        self.routing_type = getattr(self.router, "routing_type", TOKEN_CHOICE)
+        self.priority = priority
+        self._priority = self._resolve_priority(priority)
+        self._router_takes_mask = (
+            "mask" in inspect.signature(self.router.call).parameters
+        )
+        self._check_shared_experts(
+            num_shared_experts, shared_intermediate_dim, shared_expert_gate
+        )
+        self.num_shared_experts = int(num_shared_experts)
+        self.shared_intermediate_dim = shared_intermediate_dim
+        self.shared_expert_gate = bool(shared_expert_gate)
         self.experts = ExpertFFN(
             num_experts=num_experts,
             intermediate_dim=intermediate_dim,
@@ -234,10 +356,97 @@ class SparseMoE(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="experts",
         )
+        self.shared_experts, self.shared_gate = self._make_shared_experts(
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+        )
+
+    def _resolve_priority(self, priority):
+        """The slot priority `compute_routing_plan` gets, checked."""
+        if priority is None:
+            return "token_major" if self.causal else "k_major"
+        if priority not in routing.PRIORITIES:
+            raise ValueError(
+                "Received an invalid value for `priority`, expected None or "
+                f"one of {routing.PRIORITIES}. Received: priority={priority!r}"
+            )
+        if self.causal and priority != "token_major":
+            raise ValueError(
+                f"`priority={priority!r}` lets a token's capacity slot "
+                "depend on later tokens, which a causal model must not; use "
+                "priority=None or 'token_major' with causal=True. Received: "
+                f"priority={priority!r}, causal=True"
+            )
+        if self.routing_type == EXPERT_CHOICE:
+            raise ValueError(
+                "`priority` orders the capacity slots of token-choice "
+                "routing; with expert choice every expert picks its own "
+                f"tokens. Received: priority={priority!r} with router "
+                f"{type(self.router).__name__}"
+            )
+        return priority
+
+    def _check_shared_experts(self, number, intermediate_dim, gate):
+        check_positive_int("num_shared_experts", number, minimum=0)
+        if intermediate_dim is not None:
+            check_positive_int("shared_intermediate_dim", intermediate_dim)
+        if number == 0 and (intermediate_dim is not None or gate):
+            raise ValueError(
+                "`shared_intermediate_dim` and `shared_expert_gate` need "
+                "num_shared_experts >= 1. Received: num_shared_experts=0, "
+                f"shared_intermediate_dim={intermediate_dim!r}, "
+                f"shared_expert_gate={gate!r}"
+            )
+
+    def _make_shared_experts(self, kernel_initializer, **expert_kwargs):
+        """The shared experts as one FeedForward, and their optional gate.
+
+        S experts of hidden width h applied to every token and summed are
+        one feed-forward block of width S * h (hidden units side by side,
+        output biases added into one), which runs as one matmul each way.
+        """
+        if self.num_shared_experts == 0:
+            return None, None
+        width = self.shared_intermediate_dim or self.intermediate_dim
+        shared = FeedForward(
+            intermediate_dim=self.num_shared_experts * width,
+            dropout=self.expert_dropout,
+            kernel_initializer=clone_initializer(
+                keras.initializers.get(kernel_initializer)
+            ),
+            seed=self.seed,
+            dtype=self.dtype_policy,
+            name="shared_experts",
+            **expert_kwargs,
+        )
+        gate = None
+        if self.shared_expert_gate:
+            gate = keras.layers.Dense(
+                1,
+                use_bias=False,
+                kernel_initializer=clone_initializer(
+                    keras.initializers.get(kernel_initializer)
+                ),
+                dtype=self.dtype_policy,
+                name="shared_expert_gate",
+            )
+        return shared, gate
 
     def _make_router(self, router):
-        if router is None:
-            return TopKRouter(
+        if router is None or isinstance(router, str):
+            name = "top_k" if router is None else router
+            if name not in ROUTERS:
+                raise ValueError(
+                    "Received an invalid value for `router`, expected None, "
+                    f"one of {tuple(ROUTERS)} or a router layer such as "
+                    f"`keras_moe.TopKRouter`. Received: router={router!r}"
+                )
+            router = ROUTERS[name](
                 num_experts=self.num_experts,
                 top_k=self.top_k,
                 seed=self.seed,
@@ -248,9 +457,9 @@ class SparseMoE(keras.layers.Layer):
             router = keras.saving.deserialize_keras_object(router)
         if not isinstance(router, keras.layers.Layer):
             raise ValueError(
-                "Received an invalid value for `router`, expected None or a "
-                f"router layer such as `keras_moe.TopKRouter`. Received: "
-                f"router={router!r}"
+                "Received an invalid value for `router`, expected None, one "
+                f"of {tuple(ROUTERS)} or a router layer such as "
+                f"`keras_moe.TopKRouter`. Received: router={router!r}"
             )
         for name in ("num_experts", "top_k"):
             if getattr(router, name, None) != getattr(self, name):
@@ -265,6 +474,13 @@ class SparseMoE(keras.layers.Layer):
                 "across the routing group, which lets a token's routing "
                 "depend on later tokens; it cannot be used with `causal=True`. "
                 f"Received: router={router.name!r}, causal=True"
+            )
+        routing_type = getattr(router, "routing_type", TOKEN_CHOICE)
+        if routing_type not in (TOKEN_CHOICE, EXPERT_CHOICE):
+            raise ValueError(
+                "Received a router with an invalid `routing_type`, expected "
+                f"{TOKEN_CHOICE!r} or {EXPERT_CHOICE!r}. Received: "
+                f"routing_type={routing_type!r}"
             )
         return router
 
@@ -294,6 +510,10 @@ class SparseMoE(keras.layers.Layer):
         if not self.router.built:
             self.router.build((None, None, model_dim))
         self.experts.build((self.num_experts, None, model_dim))
+        if self.shared_experts is not None:
+            self.shared_experts.build((None, model_dim))
+        if self.shared_gate is not None:
+            self.shared_gate.build((None, model_dim))
         # Warns when an active distribution cannot shard the experts.
         _check_built_layer(self)
 
@@ -315,8 +535,13 @@ class SparseMoE(keras.layers.Layer):
                 f"{name}_sum",
                 (self.num_experts,) if name == "expert_load" else (),
             )
-            for name in STATISTICS
+            for name in STATISTICS + self.router_loss_names
         }
+
+    @property
+    def router_loss_names(self):
+        """Names of the balancing losses the router declares, a tuple."""
+        return tuple(getattr(self.router, "balancing_loss_weights", {}))
 
     def _check_input_shape(self, input_shape):
         if len(input_shape) < 2:
@@ -371,9 +596,19 @@ class SparseMoE(keras.layers.Layer):
         valid = ops.reshape(valid, (num_groups, group_size))
         return tokens, valid, num_tokens, group_size
 
+    def _route(self, tokens, valid, training):
+        """The token-choice router's decision for grouped tokens `(N, G, d)`.
+
+        The padding mask `valid` `(N, G)` is passed to routers whose `call`
+        takes a `mask` (those that compare tokens need it).
+        """
+        if self._router_takes_mask:
+            return self.router(tokens, mask=valid, training=training)
+        return self.router(tokens, training=training)
+
     def _plan(self, tokens, valid, group_size, training):
         """Router decisions and slots for grouped tokens `(N, G, d)`."""
-        decision = self.router(tokens, training=training)
+        decision = self._route(tokens, valid, training)
         capacity = routing.compute_capacity(
             group_size,
             self.num_experts,
@@ -386,7 +621,13 @@ class SparseMoE(keras.layers.Layer):
             valid,
             self.num_experts,
             capacity,
-            priority="token_major" if self.causal else "k_major",
+            priority=self._priority,
+            priority_scores=(
+                # V-MoE: a token's priority is its largest routing weight.
+                ops.max(decision["combine_weights"], axis=-1)
+                if self._priority == "batch_prioritized"
+                else None
+            ),
         )
         return decision, plan, capacity
 
@@ -396,7 +637,41 @@ class SparseMoE(keras.layers.Layer):
             # Shape inference only: the output has the input's shape.
             return ops.zeros_like(inputs)
         training = bool(training)
+        if self.routing_type == EXPERT_CHOICE:
+            return self._expert_choice_call(inputs, mask, training)
         tokens, valid, num_tokens, group_size = self._group_tokens(inputs, mask)
+        capacity_factor = self._capacity_factor(training)
+        # Under expert parallelism tokens travel in fixed-size buffers (an
+        # all-to-all needs static sizes), so dropless routing there uses
+        # capacity buffers of a whole group per expert: nothing dropped, but
+        # compute of E * G rows per group. Use a capacity factor to shard.
+        if capacity_factor is None and not _distribution_active():
+            decision = self._route(tokens, valid, training)
+            outputs = self._dropless_experts(tokens, valid, decision, training)
+            kept = ops.logical_and(
+                ops.expand_dims(valid, -1),
+                ops.ones_like(decision["expert_index"], dtype="bool"),
+            )  # (N, G, k): nothing is dropped
+        else:
+            decision, outputs, kept = self._capacity_experts(
+                tokens, valid, group_size, training
+            )
+        outputs = ops.reshape(outputs, (-1, self.model_dim))[:num_tokens]
+        if training:
+            self._add_balancing_losses_and_statistics(decision, valid, kept)
+        outputs = ops.reshape(outputs, ops.shape(inputs))
+        return self._add_shared_experts(inputs, outputs, mask, training)
+
+    def _capacity_experts(self, tokens, valid, group_size, training):
+        """Capacity-limited dispatch -> experts -> combine.
+
+        Args:
+            tokens: `(N, G, d)`; valid: bool `(N, G)`.
+
+        Returns:
+            The router's decision, outputs `(N, G, d)` and `kept` bool
+            `(N, G, k)`.
+        """
         # Under a keras.distribution (JAX), the `_constrain` calls split the
         # groups over the data devices and the expert buffers over the
         # expert devices, so tokens travel by all-to-all. Identity otherwise.
@@ -408,8 +683,6 @@ class SparseMoE(keras.layers.Layer):
         rows = routing.buffer_rows(
             expert_index, plan, self.num_experts, capacity
         )  # (N, G, k)
-
-        # Dispatch -> experts -> combine.
         buffers = routing.dispatch(
             tokens, rows, self.num_experts, capacity
         )  # (N, E, C, d)
@@ -425,14 +698,42 @@ class SparseMoE(keras.layers.Layer):
             rows,
             decision["combine_weights"],
         )  # (N, G, d)
-        outputs = _constrain(outputs, "groups")
-        outputs = ops.reshape(outputs, (-1, self.model_dim))[:num_tokens]
+        return decision, _constrain(outputs, "groups"), plan.kept
 
-        if training:
-            self._add_balancing_losses_and_statistics(decision, valid, plan)
-        return ops.reshape(outputs, ops.shape(inputs))
+    def _dropless_experts(self, tokens, valid, decision, training):
+        """Dropless dispatch -> experts -> combine, work proportional to T * k.
 
-    def _add_balancing_losses_and_statistics(self, decision, valid, plan):
+        Every assignment gets a row of a buffer sorted by expert
+        (`routing.dropless_layout`); the experts multiply only their own
+        rows (`routing.grouped_matmul`). Grouping plays no part here (there
+        is no capacity), so all `N * G` tokens are laid out together.
+
+        Args:
+            tokens: `(N, G, d)`; valid: bool `(N, G)`; decision: the
+                router's outputs for `tokens`.
+
+        Returns:
+            Outputs `(N, G, d)`.
+        """
+        num_groups, group_size = ops.shape(tokens)[0], ops.shape(tokens)[1]
+        flat_tokens = ops.reshape(tokens, (-1, self.model_dim))  # (T', d)
+        layout = routing.dropless_layout(
+            ops.reshape(decision["expert_index"], (-1, self.top_k)),
+            ops.reshape(valid, (-1,)),
+            self.num_experts,
+        )
+        buffer = routing.dropless_dispatch(flat_tokens, layout)  # (A, d)
+        expert_outputs = self.experts(
+            buffer, training=training, group_sizes=layout.group_sizes
+        )  # (A, d)
+        outputs = routing.dropless_combine(
+            expert_outputs,
+            layout,
+            ops.reshape(decision["combine_weights"], (-1, self.top_k)),
+        )  # (T', d)
+        return ops.reshape(outputs, (num_groups, group_size, self.model_dim))
+
+    def _add_balancing_losses_and_statistics(self, decision, valid, kept):
         probs = decision["router_probs"]  # (N, G, E) float32
         logits = decision["router_logits"]  # (N, G, E) float32
         expert_index = decision["expert_index"]  # (N, G, k)
@@ -442,6 +743,7 @@ class SparseMoE(keras.layers.Layer):
             self.add_loss(self.load_balance_loss_weight * balance_loss)
         if self.z_loss_weight > 0:
             self.add_loss(self.z_loss_weight * z_loss)
+        router_losses = self._add_router_losses(decision, valid)
 
         # Statistics carry no gradient.
         counts = ops.stop_gradient(
@@ -450,7 +752,7 @@ class SparseMoE(keras.layers.Layer):
             )
         )  # (E,)
         num_assignments = ops.sum(counts)
-        num_kept = ops.sum(ops.cast(plan.kept, "float32"))
+        num_kept = ops.sum(ops.cast(kept, "float32"))
         expert_load = counts / ops.maximum(num_assignments, 1.0)  # (E,)
         step_values = {
             "balance_loss": balance_loss,
@@ -461,11 +763,142 @@ class SparseMoE(keras.layers.Layer):
             # max load / mean load; mean load is 1 / E of all assignments.
             "load_imbalance": ops.max(expert_load) * self.num_experts,
             "expert_load": expert_load,
+            **router_losses,
         }
+        self._record_statistics(step_values)
+
+    # === Router interface, shared experts, expert choice ===
+
+    def _add_router_losses(self, decision, valid):
+        """Adds the router's declared balancing losses; updates its state.
+
+        Returns:
+            `{name: unweighted loss}` for the routing statistics.
+        """
+        weights = getattr(self.router, "balancing_loss_weights", {})
+        router_losses = {}
+        if weights:
+            router_losses = self.router.balancing_losses(decision, valid)
+            for name, weight in weights.items():
+                if weight > 0:
+                    self.add_loss(weight * router_losses[name])
+        update = getattr(self.router, "update_balancing_state", None)
+        if update is not None:
+            update(decision, valid)
+        return {name: router_losses[name] for name in weights}
+
+    def _record_statistics(self, step_values):
+        """Adds one training step's values to the running sums."""
         for name, value in step_values.items():
             variable = self.statistic_sums[name]
             variable.assign(variable + ops.stop_gradient(value))
         self.routing_steps.assign(self.routing_steps + 1.0)
+
+    def _add_shared_experts(self, inputs, outputs, mask, training):
+        """`outputs` plus the always-on shared experts' output on `inputs`."""
+        if self.shared_experts is None:
+            return outputs
+        shared = self.shared_experts(inputs, training=training)  # (..., d)
+        if self.shared_gate is not None:
+            # Qwen-MoE: a per-token sigmoid gate, (..., 1).
+            shared = shared * ops.sigmoid(self.shared_gate(inputs))
+        if mask is not None:
+            # Padding outputs zeros, as for the routed experts.
+            shared = shared * ops.expand_dims(
+                ops.cast(mask, shared.dtype), -1
+            )
+        return outputs + ops.cast(shared, outputs.dtype)
+
+    def _expert_choice_plan(self, tokens, valid, group_size, training):
+        """Expert-choice decisions for grouped tokens `(N, G, d)`."""
+        capacity = routing.compute_capacity(
+            group_size,
+            self.num_experts,
+            self.top_k,
+            self._capacity_factor(training),
+            self.min_capacity,
+        )
+        decision = self.router(
+            tokens, mask=valid, training=training, capacity=capacity
+        )
+        plan = expert_choice.ExpertChoicePlan(
+            token_index=decision["token_index"],  # (N, E, C)
+            combine_weights=decision["combine_weights"],  # (N, E, C)
+            kept=decision["kept"],  # (N, E, C)
+        )
+        return decision, plan
+
+    def _expert_choice_call(self, inputs, mask, training):
+        """`call` for expert-choice routers: experts pick their tokens.
+
+        Gathers each expert's C tokens into `(E, N * C, d)` buffers, runs
+        the experts, and adds each output back to its token weighted by the
+        router probability, expert by expert in index order (a fixed
+        summation order, see `routing.expert_choice.combine_outputs`).
+        """
+        tokens, valid, num_tokens, group_size = self._group_tokens(inputs, mask)
+        tokens = _constrain(tokens, "groups")  # (N, G, d)
+        decision, plan = self._expert_choice_plan(
+            tokens, valid, group_size, training
+        )
+        buffers = expert_choice.gather_tokens(
+            tokens, plan.token_index
+        )  # (N, E, C, d)
+        buffers = routing.to_expert_major(_constrain(buffers, "groups"))
+        buffers = _constrain(buffers, "expert_buffers")  # (E, N * C, d)
+        expert_outputs = self.experts(buffers, training=training)
+        expert_outputs = _constrain(expert_outputs, "expert_buffers")
+        expert_outputs = routing.to_group_major(
+            expert_outputs, ops.shape(tokens)[0]
+        )  # (N, E, C, d)
+        outputs = expert_choice.combine_outputs(
+            _constrain(expert_outputs, "groups"), plan, group_size
+        )  # (N, G, d)
+        outputs = _constrain(outputs, "groups")
+        outputs = ops.reshape(outputs, (-1, self.model_dim))[:num_tokens]
+        if training:
+            self._expert_choice_losses_and_statistics(
+                decision, valid, plan, group_size
+            )
+        outputs = ops.reshape(outputs, ops.shape(inputs))
+        return self._add_shared_experts(inputs, outputs, mask, training)
+
+    def _expert_choice_losses_and_statistics(
+        self, decision, valid, plan, group_size
+    ):
+        probs = decision["router_probs"]  # (N, G, E)
+        z_loss = losses.router_z_loss(decision["router_logits"], valid)
+        # Switch's E * sum_i f_i P_i with f_i the fraction of the kept slots
+        # held by expert i (1 / E each unless a group is short of tokens).
+        counts = ops.sum(ops.cast(plan.kept, "float32"), axis=(0, 2))  # (E,)
+        expert_load = counts / ops.maximum(ops.sum(counts), 1.0)
+        valid_float = ops.cast(valid, "float32")  # (N, G)
+        num_valid = ops.maximum(ops.sum(valid_float), 1.0)
+        mean_probs = ops.sum(
+            probs * ops.expand_dims(valid_float, -1), axis=(0, 1)
+        ) / num_valid  # (E,)
+        balance_loss = self.num_experts * ops.sum(expert_load * mean_probs)
+        if self.load_balance_loss_weight > 0:
+            self.add_loss(self.load_balance_loss_weight * balance_loss)
+        if self.z_loss_weight > 0:
+            self.add_loss(self.z_loss_weight * z_loss)
+        router_losses = self._add_router_losses(decision, valid)
+        # Tokens no expert took pass through the residual only.
+        experts_per_token = expert_choice.experts_per_token(plan, group_size)
+        unrouted = ops.sum(
+            valid_float * ops.cast(experts_per_token == 0, "float32")
+        )
+        self._record_statistics(
+            {
+                "balance_loss": balance_loss,
+                "z_loss": z_loss,
+                "dropped_fraction": unrouted / num_valid,
+                "dropped_assignments": unrouted,
+                "load_imbalance": ops.max(expert_load) * self.num_experts,
+                "expert_load": ops.stop_gradient(expert_load),
+                **router_losses,
+            }
+        )
 
     def route(self, inputs, mask=None, training=False):
         """Routing decisions for `inputs`, without running the experts.
@@ -485,6 +918,12 @@ class SparseMoE(keras.layers.Layer):
             `(batch, ..., k)`, `"kept"` bool `(batch, ..., k)` (false where
             the assignment was dropped at capacity or the token is masked),
             `"router_probs"` `(batch, ..., E)`.
+            With an expert-choice router instead: `"token_index"`,
+            `"combine_weights"` and `"kept"` `(N, E, C)` per routing group
+            (see `routing.expert_choice.ExpertChoicePlan`),
+            `"expert_weights"` `(batch, ..., E)` (each token's weight for
+            every expert, 0 where the expert did not take it) and
+            `"router_probs"`.
         """
         inputs = ops.convert_to_tensor(inputs)
         if not self.built:
@@ -493,7 +932,6 @@ class SparseMoE(keras.layers.Layer):
         tokens, valid, num_tokens, group_size = self._group_tokens(
             ops.cast(inputs, self.compute_dtype), mask
         )
-        decision, plan, _ = self._plan(tokens, valid, group_size, training)
         token_shape = tuple(ops.shape(inputs)[:-1])
 
         def ungroup(tensor):
@@ -501,6 +939,20 @@ class SparseMoE(keras.layers.Layer):
             flat = ops.reshape(tensor, (-1, last))[:num_tokens]
             return ops.reshape(flat, token_shape + (last,))
 
+        if self.routing_type == EXPERT_CHOICE:
+            decision, plan = self._expert_choice_plan(
+                tokens, valid, group_size, training
+            )
+            return {
+                "token_index": plan.token_index,
+                "combine_weights": plan.combine_weights,
+                "kept": plan.kept,
+                "expert_weights": ungroup(
+                    expert_choice.token_weights(plan, group_size)
+                ),
+                "router_probs": ungroup(decision["router_probs"]),
+            }
+        decision, plan, _ = self._plan(tokens, valid, group_size, training)
         return {
             "expert_index": ungroup(decision["expert_index"]),
             "combine_weights": ungroup(decision["combine_weights"]),
@@ -514,7 +966,8 @@ class SparseMoE(keras.layers.Layer):
         Returns:
             A dict of NumPy values: `"balance_loss"`, `"z_loss"`,
             `"dropped_fraction"`, `"dropped_assignments"` (per step),
-            `"load_imbalance"` (scalars) and `"expert_load"` `(E,)`, plus
+            `"load_imbalance"` (scalars) and `"expert_load"` `(E,)`, the
+            router's declared balancing losses (`router_loss_names`), plus
             `"steps"`, the number of training steps they average over. All
             zeros before any training step.
         """
@@ -555,14 +1008,20 @@ class SparseMoE(keras.layers.Layer):
                 "gated": self.gated,
                 "use_bias": self.experts.use_bias,
                 "expert_dropout": self.expert_dropout,
+                "num_shared_experts": self.num_shared_experts,
+                "shared_intermediate_dim": self.shared_intermediate_dim,
+                "shared_expert_gate": self.shared_expert_gate,
+                # A router name stays a name; a layer is serialised.
                 "router": (
-                    keras.saving.serialize_keras_object(self.router)
-                    if self._custom_router
-                    else None
+                    self._router_argument
+                    if self._router_argument is None
+                    or isinstance(self._router_argument, str)
+                    else keras.saving.serialize_keras_object(self.router)
                 ),
                 "load_balance_loss_weight": self.load_balance_loss_weight,
                 "z_loss_weight": self.z_loss_weight,
                 "causal": self.causal,
+                "priority": self.priority,
                 "kernel_initializer": keras.initializers.serialize(
                     self.experts.kernel_initializer
                 ),

@@ -1,17 +1,14 @@
 """TopKRouter: the token-choice gating network."""
 
-import keras
 from keras import ops
 
-from keras_moe._checks import check_non_negative_float
-from keras_moe._checks import check_positive_int
-from keras_moe._checks import check_rate
 from keras_moe.api_export import keras_moe_export
+from keras_moe.layers.base_router import BaseRouter
 from keras_moe.routing.top_k import stable_top_k
 
 
 @keras_moe_export
-class TopKRouter(keras.layers.Layer):
+class TopKRouter(BaseRouter):
     """Token-choice top-k router, computed in float32.
 
     Projects each token to one logit per expert and picks the `top_k` experts
@@ -29,6 +26,12 @@ class TopKRouter(keras.layers.Layer):
       those k only (gpt-oss); the weights always sum to 1.
 
     Ties are broken towards the lower expert index on every backend.
+
+    Follows the router interface described in `BaseRouter` (no balancing
+    losses of its own: `SparseMoE` adds the Switch load-balancing loss).
+    Sibling routers behind the same interface: `NoisyTopKRouter` (learned
+    noise, importance and load losses), `BiasBalancedRouter`
+    (auxiliary-loss-free balancing) and `ExpertChoiceRouter`.
 
     Training-time noise, off at inference:
     - `jitter_noise=eps` multiplies the router's input by
@@ -97,18 +100,18 @@ class TopKRouter(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        # The router never autocasts: it reads its float32 kernel as float32
-        # even under a mixed precision policy.
-        kwargs["autocast"] = False
-        super().__init__(**kwargs)
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("top_k", top_k)
-        if top_k > num_experts:
-            raise ValueError(
-                "Received an invalid value for `top_k`, expected "
-                f"1 <= top_k <= num_experts={num_experts}. Received: "
-                f"top_k={top_k}"
-            )
+        super().__init__(
+            num_experts=num_experts,
+            top_k=top_k,
+            jitter_noise=jitter_noise,
+            logit_noise_std=logit_noise_std,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            seed=seed,
+            **kwargs,
+        )
         if normalize_weights and softmax_after_top_k:
             raise ValueError(
                 "`normalize_weights=True` cannot be combined with "
@@ -116,71 +119,16 @@ class TopKRouter(keras.layers.Layer):
                 "logits already sums to 1. Received: normalize_weights=True, "
                 "softmax_after_top_k=True"
             )
-        check_rate("jitter_noise", jitter_noise)
-        check_non_negative_float("logit_noise_std", logit_noise_std)
-        self.num_experts = num_experts
-        self.top_k = top_k
         self.normalize_weights = bool(normalize_weights)
         self.softmax_after_top_k = bool(softmax_after_top_k)
-        self.jitter_noise = float(jitter_noise)
-        self.logit_noise_std = float(logit_noise_std)
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = True
 
-    # Routers declare how they compare tokens, so SparseMoE can refuse the
-    # ones that would let a causal model see the future.
-    compares_tokens = False
+    def select(self, logits):
+        """Top-k selection from logits `(..., E)`.
 
-    def build(self, input_shape):
-        model_dim = input_shape[-1]
-        if model_dim is None:
-            raise ValueError(
-                "TopKRouter needs a known last dimension (d_model). Received: "
-                f"input_shape={input_shape}"
-            )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(model_dim, self.num_experts),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            dtype="float32",
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(self.num_experts,),
-                initializer=self.bias_initializer,
-                dtype="float32",
-            )
-        else:
-            self.bias = None
-
-    def compute_logits(self, inputs, training=False):
-        """float32 router logits `(..., E)` for tokens `(..., d_model)`."""
-        inputs = ops.cast(inputs, "float32")
-        if training and self.jitter_noise > 0:
-            inputs = inputs * keras.random.uniform(
-                ops.shape(inputs),
-                minval=1.0 - self.jitter_noise,
-                maxval=1.0 + self.jitter_noise,
-                seed=self.seed_generator,
-            )
-        logits = ops.matmul(inputs, self.kernel)
-        if self.bias is not None:
-            logits = logits + self.bias
-        if training and self.logit_noise_std > 0:
-            logits = logits + self.logit_noise_std * keras.random.normal(
-                ops.shape(logits), seed=self.seed_generator
-            )
-        return logits
-
-    def call(self, inputs, mask=None, training=None):
-        logits = self.compute_logits(inputs, training=training)  # (..., E)
+        Returns:
+            `(combine_weights, expert_index, router_probs)`, float32
+            `(..., k)`, int32 `(..., k)` and float32 `(..., E)`.
+        """
         probs = ops.softmax(logits, axis=-1)
         if self.softmax_after_top_k:
             top_logits, expert_index = stable_top_k(logits, self.top_k)
@@ -191,6 +139,11 @@ class TopKRouter(keras.layers.Layer):
                 combine_weights = combine_weights / ops.sum(
                     combine_weights, axis=-1, keepdims=True
                 )
+        return combine_weights, expert_index, probs
+
+    def call(self, inputs, mask=None, training=None):
+        logits = self.compute_logits(inputs, training=training)  # (..., E)
+        combine_weights, expert_index, probs = self.select(logits)
         return {
             "expert_index": expert_index,
             "combine_weights": combine_weights,
@@ -199,45 +152,14 @@ class TopKRouter(keras.layers.Layer):
         }
 
     def compute_output_spec(self, inputs, mask=None, training=None):
-        token_shape = tuple(inputs.shape[:-1])
-        return {
-            "expert_index": keras.KerasTensor(
-                token_shape + (self.top_k,), dtype="int32"
-            ),
-            "combine_weights": keras.KerasTensor(
-                token_shape + (self.top_k,), dtype="float32"
-            ),
-            "router_logits": keras.KerasTensor(
-                token_shape + (self.num_experts,), dtype="float32"
-            ),
-            "router_probs": keras.KerasTensor(
-                token_shape + (self.num_experts,), dtype="float32"
-            ),
-        }
+        return self._token_choice_spec(inputs)
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
-                "top_k": self.top_k,
                 "normalize_weights": self.normalize_weights,
                 "softmax_after_top_k": self.softmax_after_top_k,
-                "jitter_noise": self.jitter_noise,
-                "logit_noise_std": self.logit_noise_std,
-                "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "seed": self.seed,
             }
         )
-        # `autocast` is forced off in __init__; not a user choice.
-        config.pop("autocast", None)
         return config

@@ -24,6 +24,8 @@ import math
 
 from keras import ops
 
+from keras_moe.routing.top_k import stable_top_k
+
 RoutingPlan = collections.namedtuple("RoutingPlan", ["slot", "kept"])
 RoutingPlan.__doc__ = """Where each (token, choice) assignment goes.
 
@@ -34,7 +36,7 @@ Fields:
         `slot < capacity`; false assignments are dropped.
 """
 
-PRIORITIES = ("k_major", "token_major")
+PRIORITIES = ("k_major", "token_major", "batch_prioritized")
 
 
 def is_static(*values):
@@ -83,7 +85,12 @@ def compute_capacity(
 
 
 def compute_routing_plan(
-    expert_index, valid, num_experts, capacity, priority="k_major"
+    expert_index,
+    valid,
+    num_experts,
+    capacity,
+    priority="k_major",
+    priority_scores=None,
 ):
     """Gives every assignment a slot in its expert's buffer.
 
@@ -93,6 +100,12 @@ def compute_routing_plan(
       second choice can be displaced by a *later* token's first choice.
     - `"token_major"`: token order first, then choice order, so a token's
       slots depend only on earlier tokens (needed by causal models).
+    - `"batch_prioritized"` (V-MoE's Batch Prioritized Routing): like
+      `"k_major"`, but within each choice the tokens come in order of
+      decreasing `priority_scores` (ties in token order), so when an expert
+      is over capacity the least confident tokens are dropped rather than
+      the latest ones. A token's slot then depends on every token of the
+      group, later ones included: not for causal models.
 
     The positions come from a cumulative sum over a one-hot of the chosen
     experts, `(N, k * G, E)` int32, the formulation XLA fuses well.
@@ -102,7 +115,10 @@ def compute_routing_plan(
         valid: bool `(N, G)`, false for padding (never routed).
         num_experts: int, E.
         capacity: int (or scalar int tensor), C.
-        priority: `"k_major"` or `"token_major"`.
+        priority: one of `PRIORITIES`.
+        priority_scores: float `(N, G)`, needed by `"batch_prioritized"`
+            (V-MoE uses each token's largest combine weight); ignored
+            otherwise.
 
     Returns:
         A `RoutingPlan`.
@@ -111,6 +127,10 @@ def compute_routing_plan(
         raise ValueError(
             f"Received an invalid value for `priority`, expected one of "
             f"{PRIORITIES}. Received: priority={priority!r}"
+        )
+    if priority == "batch_prioritized":
+        return _batch_prioritized_plan(
+            expert_index, valid, num_experts, capacity, priority_scores
         )
     num_groups, group_size, top_k = ops.shape(expert_index)
     expert_index = ops.cast(expert_index, "int32")
@@ -143,6 +163,45 @@ def compute_routing_plan(
         slot = ops.reshape(ordered_slot, (num_groups, group_size, top_k))
     kept = ops.logical_and(slot >= 0, slot < capacity)
     return RoutingPlan(slot=slot, kept=kept)
+
+
+def _batch_prioritized_plan(
+    expert_index, valid, num_experts, capacity, priority_scores
+):
+    """`compute_routing_plan` with V-MoE's Batch Prioritized Routing.
+
+    Sorts each group's tokens by decreasing score, hands out slots k-major
+    in that order, and puts the slots back in token order.
+
+    Reference:
+        Riquelme et al., 2021, "Scaling Vision with Sparse Mixture of
+        Experts", section 4.1.
+    """
+    if priority_scores is None:
+        raise ValueError(
+            "`priority='batch_prioritized'` needs `priority_scores` of shape "
+            "(groups, group_size). Received: priority_scores=None"
+        )
+    group_size = ops.shape(expert_index)[1]
+    # A descending sort with ties to the lower token index on every
+    # backend (ops.argsort is not stable on TensorFlow).
+    _, order = stable_top_k(
+        ops.cast(priority_scores, "float32"), group_size
+    )  # (N, G): order[n, r] = token of rank r
+    sorted_index = ops.take_along_axis(
+        ops.cast(expert_index, "int32"), ops.expand_dims(order, -1), axis=1
+    )  # (N, G, k)
+    sorted_valid = ops.take_along_axis(ops.cast(valid, "bool"), order, axis=1)
+    sorted_plan = compute_routing_plan(
+        sorted_index, sorted_valid, num_experts, capacity, priority="k_major"
+    )
+    # rank[n, t] = position of token t in the sorted order.
+    rank = ops.argsort(order, axis=1)  # a permutation: no ties
+    rank = ops.expand_dims(ops.cast(rank, "int32"), -1)  # (N, G, 1)
+    return RoutingPlan(
+        slot=ops.take_along_axis(sorted_plan.slot, rank, axis=1),
+        kept=ops.take_along_axis(sorted_plan.kept, rank, axis=1),
+    )
 
 
 def buffer_rows(expert_index, plan, num_experts, capacity):
@@ -284,5 +343,29 @@ def combine(buffers, rows, combine_weights):
     gathered = ops.reshape(
         gathered, (num_groups, group_size, top_k, model_dim)
     )
-    weights = ops.cast(combine_weights, buffers.dtype)
-    return ops.sum(gathered * ops.expand_dims(weights, -1), axis=2)
+    return weighted_sum_over_choices(
+        gathered, ops.cast(combine_weights, buffers.dtype)
+    )
+
+
+def weighted_sum_over_choices(gathered, weights):
+    """`sum_j weights[..., j] * gathered[..., j, :]`, in choice order.
+
+    Written as k explicit multiply-adds (k is small and static) rather than
+    a reduction over the k axis: XLA's CPU backend fuses the gather into a
+    reduction over that short middle axis so badly that the combine took
+    ~36 ms instead of ~0.2 ms for 4096 tokens, k=2, d=256 (measured here).
+    The fixed order also makes the sum bit-identical from run to run.
+
+    Args:
+        gathered: `(..., k, d)`.
+        weights: `(..., k)`, same dtype.
+
+    Returns:
+        `(..., d)`.
+    """
+    top_k = gathered.shape[-2]
+    total = gathered[..., 0, :] * weights[..., 0:1]
+    for choice in range(1, top_k):
+        total = total + gathered[..., choice, :] * weights[..., choice : choice + 1]
+    return total

@@ -49,3 +49,33 @@ def _sorted_top_k_jax(scores, k):
     indices = jnp.argsort(scores, axis=-1, descending=True, stable=True)
     indices = indices[..., :k].astype("int32")
     return jnp.take_along_axis(scores, indices, axis=-1), indices
+
+
+def stable_argsort(values):
+    """Indices that sort the 1-D `values` ascending, ties in index order.
+
+    `ops.argsort` is stable on JAX but not on TensorFlow or PyTorch, where
+    equal keys may come out in any order; routing layouts must not depend
+    on the backend's sort, so each backend's stable sort is asked for.
+
+    Args:
+        values: 1-D int or float tensor.
+
+    Returns:
+        int32 indices, same length.
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        values = ops.convert_to_tensor(values)
+        return torch.argsort(values, stable=True).to(torch.int32)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.cast(tf.argsort(values, stable=True), "int32")
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.argsort(values, stable=True).astype("int32")
+    return ops.cast(ops.argsort(values), "int32")

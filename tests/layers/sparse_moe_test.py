@@ -203,6 +203,45 @@ class SparseMoERoutingTest(testing.TestCase):
         moe(np.ones((4, 16, 8), "float32"))
         self.assertEqual(seen, [(8, 16, 8)])
 
+    def test_dropless_experts_see_one_row_per_assignment(self):
+        # Dropless: 64 tokens, k=2 -> the experts get 128 rows sorted by
+        # expert, whatever the number of experts (not 64 rows per expert).
+        for num_experts in (4, 32):
+            moe = SparseMoE(num_experts, 16, top_k=2, eval_capacity_factor=None)
+            seen = []
+            original_call = moe.experts.call
+
+            def recording_call(inputs, training=None, group_sizes=None):
+                seen.append((tuple(inputs.shape), int(ops.sum(group_sizes))))
+                return original_call(
+                    inputs, training=training, group_sizes=group_sizes
+                )
+
+            moe.experts.call = recording_call
+            moe(np.ones((4, 16, 8), "float32"))
+            self.assertEqual(seen, [((128, 8), 128)])
+
+    def test_dropless_training_matches_a_capacity_that_drops_nothing(self):
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(4, 40, 16)).astype("float32")
+        y = rng.normal(size=(4, 40, 16)).astype("float32")
+        runs = []
+        for capacity_factor in (None, 100.0):
+            keras.utils.set_random_seed(0)
+            inputs = keras.Input((40, 16))
+            outputs = SparseMoE(
+                num_experts=6, intermediate_dim=8, top_k=2, gated=True,
+                capacity_factor=capacity_factor, group_size=32,
+            )(inputs)
+            model = keras.Model(inputs, outputs)
+            model.compile(keras.optimizers.SGD(0.1), "mse")
+            history = model.fit(x, y, epochs=2, batch_size=2, verbose=0, shuffle=False)
+            runs.append((history.history["loss"], model.get_weights()))
+        (dropless_loss, dropless_weights), (capacity_loss, capacity_weights) = runs
+        self.assertAllClose(dropless_loss, capacity_loss, rtol=1e-5)
+        for got, expected in zip(dropless_weights, capacity_weights):
+            self.assertAllClose(got, expected, atol=1e-5)
+
     def test_batch_of_one_and_one_expert(self):
         moe = SparseMoE(num_experts=1, intermediate_dim=4, top_k=1)
         inputs = np.random.default_rng(2).normal(size=(1, 3, 5)).astype("float32")

@@ -181,3 +181,57 @@ class DispatchCombineTest(testing.TestCase):
         kept = to_numpy(self.plan.kept)
         expected = self.tokens * (0.5 * kept.sum(-1, keepdims=True))
         self.assertAllClose(combined, expected, atol=1e-6)
+
+
+class BatchPrioritizedPlanTest(testing.TestCase):
+    def plan(self, expert_index, scores, num_experts, capacity, valid=None):
+        expert_index = np.asarray(expert_index, "int32")
+        if valid is None:
+            valid = np.ones(expert_index.shape[:2], bool)
+        plan = routing.compute_routing_plan(
+            expert_index, valid, num_experts, capacity,
+            priority="batch_prioritized",
+            priority_scores=np.asarray(scores, "float32"),
+        )
+        return to_numpy(plan.slot), to_numpy(plan.kept)
+
+    def test_most_confident_tokens_get_the_slots(self):
+        # t0, t1 want e0; t2, t3 want e1; capacity 1. Scores rank
+        # t1 (0.9) > t3 (0.8) > t2 (0.7) > t0 (0.6): t1 and t3 keep their
+        # slot, the earlier but less confident t0 and t2 are dropped
+        # (k-major order would keep t0 and t2).
+        slot, kept = self.plan([[[0], [0], [1], [1]]], [[0.6, 0.9, 0.7, 0.8]], 2, 1)
+        self.assertEqual(slot[0, :, 0].tolist(), [1, 0, 1, 0])
+        self.assertEqual(kept[0, :, 0].tolist(), [False, True, False, True])
+
+    def test_top_2_hands_out_first_choices_first_in_score_order(self):
+        # Order t1 (0.9), t2 (0.7), t0 (0.5). First choices: t1->e1 s0,
+        # t2->e0 s0, t0->e0 s1; second choices: t1->e0 s2, t2->e2 s0,
+        # t0->e1 s1.
+        slot, kept = self.plan(
+            [[[0, 1], [1, 0], [0, 2]]], [[0.5, 0.9, 0.7]], 3, 1
+        )
+        self.assertEqual(slot.tolist(), [[[1, 1], [0, 2], [0, 0]]])
+        self.assertEqual(
+            kept.tolist(), [[[False, False], [True, False], [True, True]]]
+        )
+
+    def test_ties_keep_token_order_and_groups_are_independent(self):
+        expert_index = [[[0], [0], [0]], [[0], [0], [0]]]
+        slot, _ = self.plan(expert_index, [[0.5, 0.5, 0.5], [0.1, 0.5, 0.5]], 1, 1)
+        self.assertEqual(slot[..., 0].tolist(), [[0, 1, 2], [2, 0, 1]])
+
+    def test_invalid_tokens_take_no_slot(self):
+        slot, kept = self.plan(
+            [[[0], [0], [0]]], [[0.9, 0.2, 0.5]], 1, 1,
+            valid=np.array([[False, True, True]]),
+        )
+        self.assertEqual(slot[0, :, 0].tolist(), [-1, 1, 0])
+        self.assertEqual(kept[0, :, 0].tolist(), [False, False, True])
+
+    def test_needs_scores(self):
+        with self.assertRaisesRegex(ValueError, "priority_scores=None"):
+            routing.compute_routing_plan(
+                np.zeros((1, 2, 1), "int32"), np.ones((1, 2), bool), 2, 1,
+                priority="batch_prioritized",
+            )
