@@ -129,3 +129,29 @@ class TextClassifierTest(testing.TestCase):
         for change, message in cases:
             with self.assertRaisesRegex(ValueError, message):
                 text_classifier(**{**TINY, **change})
+
+    def test_sparse_upcycling_of_the_dense_blocks(self):
+        # The dense baseline's blocks expose their FeedForward, so each can be
+        # swapped for a SparseMoE whose experts copy it: with normalised
+        # top-k weights and no dropping, the model computes the same function.
+        from keras_moe.upcycling import upcycle_feed_forward
+
+        model = text_classifier(moe_layers="none", **TINY)
+        ids = token_ids()
+        expected = to_numpy(model.predict(ids, verbose=0))
+        for index in range(2):
+            block = model.get_layer(f"block_{index}")
+            block.replace_feed_forward(
+                upcycle_feed_forward(
+                    block.feed_forward, num_experts=4, top_k=2,
+                    name=f"block_{index}_moe",
+                )
+            )
+        self.assertTrue(all(model.get_layer(f"block_{i}").is_moe for i in range(2)))
+        self.assertAllClose(model.predict(ids, verbose=0), expected, atol=1e-5)
+        counts = count_parameters(model)
+        self.assertGreater(counts.total, counts.active)
+        path = os.path.join(self.get_temp_dir(), "upcycled.keras")
+        model.save(path)
+        restored = keras.saving.load_model(path)
+        self.assertAllClose(restored.predict(ids, verbose=0), expected, atol=1e-5)
