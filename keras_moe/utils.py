@@ -6,11 +6,13 @@ here count both for any Keras model containing `SparseMoE` layers by walking
 its layers, with the same conventions as those reports:
 
 - Expert weights (those of an `ExpertFFN` inside an MoE layer) count in
-  full in the total, and `top_k / num_experts` of them per token. Gated
-  experts, biases and any number of projections follow from the weights
-  themselves.
+  full in the total, and `top_k / num_experts` of them per token (with
+  expert choice routing, `capacity_factor * top_k / num_experts` on
+  average, at the training capacity factor). Gated experts, biases and any
+  number of projections follow from the weights themselves.
 - Every other weight (embeddings, attention, routers, norms, dense blocks,
-  shared experts, the head) is active for every token.
+  shared experts, the head) is active for every token; so are the experts
+  of layers that run every expert on every token (`DenseMoE`, `SoftMoE`).
 - A variable reachable twice (a layer used in two places, tied weights)
   counts once.
 - The routing statistics an MoE layer keeps (non-trainable state of the
@@ -53,9 +55,17 @@ def _is_moe_layer(layer):
 
 
 def _experts_per_token(moe_layer):
-    # Top-k routers: k experts per token. A layer may say otherwise (e.g.
-    # expert choice, where a token gets `capacity_factor` experts on average).
-    return float(getattr(moe_layer, "experts_per_token", moe_layer.top_k))
+    """Experts a token uses (on average) in an MoE layer."""
+    router = getattr(moe_layer, "router", None)
+    if type(router).__name__ == "ExpertChoiceRouter":
+        # Every expert takes C = capacity_factor * G * top_k / E tokens of a
+        # group of G, so a token gets capacity_factor * top_k experts on
+        # average (all E when nothing limits the capacity).
+        factor = moe_layer.capacity_factor
+        if factor is None:
+            return float(moe_layer.num_experts)
+        return min(float(moe_layer.num_experts), factor * moe_layer.top_k)
+    return float(moe_layer.top_k)
 
 
 def _own_variables(layer):

@@ -129,3 +129,22 @@ def test_byte_kinds():
     assert names[5] == "space" and names[6] == "uppercase"
     assert names[12:14] == ["digit", "digit"]
     assert names[14:] == ["punctuation", "newline"]
+
+
+def test_shared_experts_and_expert_choice():
+    moe = built(
+        SparseMoE(4, 8, top_k=2, num_shared_experts=1, shared_intermediate_dim=6),
+        (None, 8),
+    )
+    experts = 4 * (8 * 8 + 8 + 8 * 8 + 8)  # routed experts
+    router = 8 * 4
+    shared = 8 * 6 + 6 + 6 * 8 + 8  # one always-on FeedForward of 6 units
+    counts = utils.count_parameters(moe)
+    assert counts.total == experts + router + shared
+    assert counts.active == experts // 2 + router + shared
+    choice = built(
+        SparseMoE(4, 8, top_k=1, router="expert_choice", capacity_factor=2.0),
+        (None, 8),
+    )
+    # Each expert takes 2 * G * 1 / 4 tokens: 2 experts per token on average.
+    assert utils.count_parameters(choice).expert_active == experts // 2
