@@ -140,72 +140,28 @@ def launch_local(args, argv):
 
 
 def build_model(args, keras, keras_moe):
-    """A pre-norm causal transformer whose feed-forward blocks are SparseMoE."""
+    """A pre-norm causal transformer whose feed-forward blocks are SparseMoE.
 
-    @keras.saving.register_keras_serializable(package="expert_parallel_example")
-    class TokenAndPositionEmbedding(keras.layers.Layer):
-        def __init__(self, vocabulary_size, sequence_length, model_dim, **kwargs):
-            super().__init__(**kwargs)
-            self.vocabulary_size = vocabulary_size
-            self.sequence_length = sequence_length
-            self.model_dim = model_dim
-            self.tokens = keras.layers.Embedding(
-                vocabulary_size, model_dim, name="tokens"
-            )
-            self.positions = keras.layers.Embedding(
-                sequence_length, model_dim, name="positions"
-            )
-
-        def build(self, input_shape):
-            self.tokens.build(input_shape)
-            self.positions.build((self.sequence_length,))
-
-        def call(self, token_ids):
-            length = keras.ops.shape(token_ids)[-1]
-            return self.tokens(token_ids) + self.positions(keras.ops.arange(length))
-
-        def compute_output_shape(self, input_shape):
-            return tuple(input_shape) + (self.model_dim,)
-
-        def get_config(self):
-            return {
-                **super().get_config(),
-                "vocabulary_size": self.vocabulary_size,
-                "sequence_length": self.sequence_length,
-                "model_dim": self.model_dim,
-            }
-
-    layers = keras.layers
-    token_ids = keras.Input((args.sequence_length,), dtype="int32", name="token_ids")
-    x = TokenAndPositionEmbedding(
-        256, args.sequence_length, args.model_dim, name="embedding"
-    )(token_ids)
-    for i in range(args.num_layers):
-        # Self-attention block (replicated weights, data parallel).
-        h = layers.LayerNormalization(name=f"block_{i}_attention_norm")(x)
-        h = layers.MultiHeadAttention(
-            args.num_heads, args.model_dim // args.num_heads,
-            name=f"block_{i}_attention",
-        )(h, h, use_causal_mask=True)
-        x = layers.Add(name=f"block_{i}_attention_residual")([x, h])
-        # MoE feed-forward block (experts sharded). One routing group per
-        # sequence, so the number of groups is the batch size: divisible by
-        # the number of devices, as expert parallelism needs.
-        h = layers.LayerNormalization(name=f"block_{i}_moe_norm")(x)
-        h = keras_moe.SparseMoE(
-            num_experts=args.num_experts,
-            intermediate_dim=args.intermediate_dim,
-            top_k=args.top_k,
-            group_size=args.sequence_length,
-            causal=True,
-            activation="silu",
-            gated=True,
-            name=f"block_{i}_moe",
-        )(h)
-        x = layers.Add(name=f"block_{i}_moe_residual")([x, h])
-    x = layers.LayerNormalization(name="final_norm")(x)
-    logits = layers.Dense(256, name="logits")(x)
-    return keras.Model(token_ids, logits, name="moe_transformer")
+    `keras_moe.models.causal_language_model` with SwiGLU experts in every
+    block. One routing group per sequence (`group_size=sequence_length`), so
+    the number of groups is the batch size: divisible by the number of
+    devices, as expert parallelism needs.
+    """
+    return keras_moe.models.causal_language_model(
+        sequence_length=args.sequence_length,
+        vocabulary_size=256,
+        num_layers=args.num_layers,
+        model_dim=args.model_dim,
+        num_heads=args.num_heads,
+        intermediate_dim=args.intermediate_dim,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        moe_layers="all",
+        activation="silu",
+        gated=True,
+        moe_options={"group_size": args.sequence_length},
+        name="moe_transformer",
+    )
 
 
 def expert_placement(model, keras_moe):
