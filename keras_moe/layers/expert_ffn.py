@@ -76,6 +76,26 @@ def feed_forward(
     i.e. SwiGLU with `activation="silu"` and GeGLU with `"gelu"`.
     """
     stacked = len(intermediate_kernel.shape) == 3
+    if not stacked and len(inputs.shape) > 2:
+        # One network on `(..., d)`: run it on `(tokens, d)`. XLA's CPU
+        # backend computes the weight gradient of a 3-D activation times a
+        # 2-D kernel (a contraction over two axes) ~2.4x slower than the
+        # same product on 2-D activations (measured here: a gated FFN at
+        # 4096 tokens, d=256, h=1024 took 183 ms instead of 77 ms).
+        leading_shape = ops.shape(inputs)[:-1]
+        outputs = feed_forward(
+            ops.reshape(inputs, (-1, inputs.shape[-1])),
+            intermediate_kernel,
+            output_kernel,
+            gate_kernel=gate_kernel,
+            intermediate_bias=intermediate_bias,
+            gate_bias=gate_bias,
+            output_bias=output_bias,
+            activation=activation,
+            dropout=dropout,
+            training=training,
+        )
+        return ops.reshape(outputs, tuple(leading_shape) + (outputs.shape[-1],))
     if group_sizes is not None:
         # (R,) expert of each row; rows past the groups use the last bias
         # (their outputs are never read).
