@@ -52,6 +52,28 @@ class BiasBalancedRouterTest(testing.TestCase):
         self.assertAllClose(out["router_scores"], [scores], atol=1e-6)
         self.assertAllClose(out["router_probs"], [scores / scores.sum()], atol=1e-6)
 
+    def test_very_negative_logits_give_finite_normalised_weights(self):
+        # Logits far below -104: every float32 sigmoid is 0. The normalised
+        # weights and probabilities are still the ratios of the scores,
+        # sigmoid(l_i) / sum_j sigmoid(l_j) ~ exp(l_i) / sum_j exp(l_j),
+        # not 0 / 0.
+        router = BiasBalancedRouter(3, 2, routed_scaling_factor=2.5)
+        router.build((None, 3))
+        router.kernel.assign(np.eye(3, dtype="float32"))
+        logits = np.array([[-200.0, -201.0, -1e4], [1e4, -1e4, 3.0]], "float32")
+        out = router(logits)
+        for name in ("combine_weights", "router_probs", "router_scores"):
+            self.assertTrue(np.isfinite(to_numpy(out[name])).all(), name)
+        self.assertEqual(to_numpy(out["expert_index"]).tolist(), [[0, 1], [0, 2]])
+        ratio = np.exp([-200.0, -201.0]) / np.exp([-200.0, -201.0]).sum()
+        self.assertAllClose(out["combine_weights"][0], 2.5 * ratio, atol=1e-6)
+        self.assertAllClose(out["router_probs"][0], list(ratio) + [0.0], atol=1e-6)
+        # Saturated sigmoids, 1 and sigmoid(3): the usual ratios.
+        chosen = np.array([1.0, sigmoid(3.0)])
+        self.assertAllClose(
+            out["combine_weights"][1], 2.5 * chosen / chosen.sum(), atol=1e-6
+        )
+
     def test_softmax_scores_without_normalisation(self):
         router = BiasBalancedRouter(
             3, 1, score_function="softmax", normalize_weights=False
