@@ -200,7 +200,11 @@ class BiasBalancedRouter(BaseRouter):
         return {"sequence_balance_loss": self.sequence_balance_loss_weight}
 
     def balancing_losses(self, routing, mask=None):
-        scores = routing["router_scores"]
+        # The loss normalises the scores over the experts; "router_probs"
+        # are those normalised scores already, computed stably. Normalising
+        # the raw sigmoids again would divide by a sum that underflows to 0
+        # (logits below about -104), a NaN gradient under XLA.
+        scores = routing["router_probs"]
         expert_index = routing["expert_index"]
         if len(scores.shape) == 2:  # One sequence of tokens (T, E).
             scores, expert_index = scores[None], expert_index[None]

@@ -172,6 +172,28 @@ class BiasBalancedRouterTest(testing.TestCase):
         self.assertAllClose(on.losses[0], 0.5 * stats["sequence_balance_loss"], atol=1e-6)
         self.assertGreaterEqual(stats["sequence_balance_loss"], 1.0 - 1e-6)
 
+    def test_sequence_balance_loss_gradient_with_vanishing_scores(self):
+        # Router logits of magnitude 1e4: some tokens have every sigmoid
+        # score 0. The loss normalises each token's scores; its gradient
+        # must stay finite (a guarded division by a sum of zeros is not:
+        # XLA flushes the tiny squared denominator to 0, giving 0 / 0).
+        rng = np.random.default_rng(2)
+        x = rng.normal(size=(4, 6, 3)).astype("float32")
+        x[0] = np.abs(x[0])  # with a negative kernel: all logits < -104
+        router = BiasBalancedRouter(4, 2, sequence_balance_loss_weight=1.0)
+        moe = SparseMoE(
+            4, 8, top_k=2, router=router, group_size=6, z_loss_weight=0.0,
+        )
+        inputs = keras.Input((6, 3))
+        model = keras.Model(inputs, moe(inputs))
+        kernel = -np.abs(rng.normal(size=(3, 4))) * 1e4
+        router.kernel.assign(kernel.astype("float32"))
+        self.assertTrue((to_numpy(router(x)["router_scores"])[0] == 0).all())
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+        model.train_on_batch(x, x)
+        for variable in model.trainable_variables:
+            self.assertTrue(np.isfinite(to_numpy(variable)).all(), variable.path)
+
     def test_bias_survives_keras_save_and_load(self):
         inputs = keras.Input((5, 4))
         moe = SparseMoE(4, 8, top_k=2, router=BiasBalancedRouter(4, 2, bias_update_rate=0.1))
