@@ -38,12 +38,17 @@ MODEL_DIM = helpers.MODEL_DIM
 # low-precision tests run them.
 EDGE_CASES = [case for case in MOE_CASES if not case.stochastic]
 # The unknown-dimension paths differ with the group size (None or a number),
-# the capacity (a factor or None) and the slot order (causal or not).
+# the capacity (a factor or None), the slot order (causal, k-major or batch
+# prioritised) and the routing (token or expert choice).
 UNKNOWN_DIMENSION_CASES = [
     case
     for case in MOE_CASES
     if case.name
-    in ("top2_capacity", "swiglu_causal_normalized", "dropless_softmax_after_top_k")
+    in (
+        "top2_capacity", "swiglu_causal_normalized",
+        "dropless_softmax_after_top_k", "expert_choice_shared_gated",
+        "noisy_top_k_batch_prioritized",
+    )
 ]
 
 
@@ -330,7 +335,7 @@ class ExpertCountTest(EdgeCaseChecks):
 class UnknownDimensionsTest(EdgeCaseChecks):
     def test_none_batch_and_token_dimensions_in_a_functional_model(self):
         # (batch, height, width, d) with all three leading dimensions
-        # unknown, through MoE layers of three cases. Predicting a second shape makes
+        # unknown, through MoE layers of five cases. Predicting a second shape makes
         # TensorFlow retrace with unknown dimensions (token counts and
         # capacities become tensors); the result must match a direct call.
         inputs = keras.Input((None, None, MODEL_DIM))
