@@ -221,8 +221,12 @@ def _torch_grouped_matmul(x, kernel, group_sizes):
 
     sizes = [int(s) for s in group_sizes.tolist()]
     used = sum(sizes)
+    # `unbind`, not `kernel[e]`: the backward of each indexing would build
+    # a zero tensor of the whole kernel (E times the kernel in all); that of
+    # `unbind` stacks the E gradients once.
+    kernels = torch.unbind(kernel, dim=0)
     pieces = [
-        rows @ kernel[e]
+        rows @ kernels[e]
         for e, rows in enumerate(torch.split(x[:used], sizes))
         if sizes[e]
     ]
@@ -240,6 +244,9 @@ def _tf_grouped_matmul(x, kernel, group_sizes):
     used = tf.reduce_sum(group_sizes)
     num_groups = kernel.shape[0]
     pieces = tf.split(x[:used], group_sizes, num=num_groups, axis=0)
-    outputs = [tf.matmul(rows, kernel[e]) for e, rows in enumerate(pieces)]
+    # `unstack`, not `kernel[e]`: the gradient of each slice would be a
+    # zero-padded tensor of the whole kernel; that of `unstack` is one stack.
+    kernels = tf.unstack(kernel, num=num_groups, axis=0)
+    outputs = [tf.matmul(rows, kernels[e]) for e, rows in enumerate(pieces)]
     tail = tf.zeros((tf.shape(x)[0] - used, tf.shape(kernel)[2]), x.dtype)
     return tf.concat(outputs + [tail], axis=0)
