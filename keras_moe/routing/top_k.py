@@ -1,5 +1,7 @@
 """Top-k with the same tie-breaking on every backend."""
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -37,13 +39,18 @@ def stable_top_k(scores, k):
 
     Args:
         scores: float tensor of shape `(..., num_experts)`.
-        k: int, number of entries to keep, `1 <= k <= num_experts`.
+        k: int, number of entries to keep, `1 <= k <= num_experts`; a
+            scalar int tensor where shapes are unknown when tracing
+            (TensorFlow retraces with unknown dimensions, and an
+            expert-choice capacity or a batch-prioritised sort then depends
+            on the token count).
 
     Returns:
         Tuple `(values, indices)`, each of shape `(..., k)`, sorted by
         decreasing value; `indices` are int32.
     """
-    if k <= MAX_K_BY_REDUCTION:
+    # A tensor k (unknown shapes) cannot pick a Python loop's length.
+    if isinstance(k, numbers.Integral) and k <= MAX_K_BY_REDUCTION:
         return _top_k_by_reduction(scores, k)
     if keras.backend.backend() == "torch":
         import torch

@@ -121,6 +121,32 @@ class SortedTopKTest(testing.TestCase):
         self.assertAllClose(values, expected_values)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only TensorFlow traces with unknown dimensions (k a tensor)",
+)
+class UnknownKTest(testing.TestCase):
+    def test_k_from_an_unknown_dimension(self):
+        # Keras retraces TensorFlow functions with unknown dimensions; an
+        # expert-choice capacity or a batch-prioritised sort of a group
+        # then asks for k = a scalar tensor, small or not.
+        import tensorflow as tf
+
+        @tf.function(input_signature=[tf.TensorSpec((None, None), "float32")])
+        def top_half(scores):
+            return stable_top_k(scores, tf.shape(scores)[-1] // 2)
+
+        rng = np.random.default_rng(5)
+        for width in (6, 24):
+            scores = rng.integers(0, 3, size=(4, width)).astype("float32")
+            values, indices = top_half(scores)
+            expected = np.argsort(-scores, axis=-1, kind="stable")[:, : width // 2]
+            self.assertEqual(to_numpy(indices).tolist(), expected.tolist())
+            self.assertAllClose(
+                values, np.take_along_axis(scores, expected, axis=-1)
+            )
+
+
 def _gradient_of_sum(function, x):
     """d sum(function(x)) / dx on the current backend, as NumPy."""
     backend = keras.backend.backend()
