@@ -74,7 +74,13 @@ def naive_moe(
     gated=False,
     priority="k_major",
 ):
-    """Reference forward pass of SparseMoE.
+    """Reference forward pass of SparseMoE (token choice, `TopKRouter`).
+
+    `priority` orders the capacity slots of each group: `"k_major"` (every
+    token's first choice, then every token's second choice, ...),
+    `"token_major"` (token by token), or `"batch_prioritized"` (V-MoE:
+    k-major, the tokens of each choice by decreasing top routing weight,
+    ties to the lower index).
 
     Returns:
         (outputs shaped like inputs, kept bool (T, k), index (T, k)).
@@ -101,8 +107,14 @@ def naive_moe(
         members = range(start, min(start + group, num_tokens))
         if priority == "k_major":
             order = [(t, j) for j in range(top_k) for t in members]
-        else:
+        elif priority == "batch_prioritized":
+            # sorted() is stable: equal weights keep token order.
+            ranked = sorted(members, key=lambda t: -weights[t].max())
+            order = [(t, j) for j in range(top_k) for t in ranked]
+        elif priority == "token_major":
             order = [(t, j) for t in members for j in range(top_k)]
+        else:
+            raise ValueError(f"unknown priority {priority!r}")
         taken = np.zeros(num_experts, int)
         for t, j in order:
             if not valid[t]:
@@ -118,6 +130,54 @@ def naive_moe(
                     tokens[t], index[t, j], weights_f64, activation, gated
                 )
     return outputs.reshape(inputs.shape), kept, index
+
+
+def naive_expert_choice_moe(
+    inputs,
+    router_kernel,
+    expert_weights,
+    capacity,
+    group_size,
+    mask=None,
+    activation="gelu",
+    gated=False,
+):
+    """Reference forward pass of SparseMoE with an `ExpertChoiceRouter`.
+
+    Per routing group of `group_size` tokens (the last one shorter), every
+    expert takes the `capacity` valid tokens with the highest router
+    probability for it (ties to the lower index; fewer if the group has
+    fewer valid tokens) and weights its output by that probability.
+
+    Returns:
+        (outputs shaped like inputs, taken bool (T, E): expert e took
+        token t).
+    """
+    inputs = np.asarray(inputs, np.float64)
+    tokens = inputs.reshape(-1, inputs.shape[-1])
+    num_tokens = tokens.shape[0]
+    valid = (
+        np.ones(num_tokens, bool)
+        if mask is None
+        else np.asarray(mask, bool).reshape(-1)
+    )
+    probs = softmax(tokens @ np.asarray(router_kernel, np.float64))
+    weights_f64 = {k: np.asarray(v, np.float64) for k, v in expert_weights.items()}
+    outputs = np.zeros_like(tokens)
+    taken = np.zeros(probs.shape, bool)
+    group = min(group_size or num_tokens, num_tokens)
+    for start in range(0, num_tokens, group):
+        members = [
+            t for t in range(start, min(start + group, num_tokens)) if valid[t]
+        ]
+        for e in range(probs.shape[1]):
+            ranked = sorted(members, key=lambda t: -probs[t, e])[:capacity]
+            for t in ranked:
+                taken[t, e] = True
+                outputs[t] += probs[t, e] * naive_expert(
+                    tokens[t], e, weights_f64, activation, gated
+                )
+    return outputs.reshape(inputs.shape), taken
 
 
 def expert_weights_of(moe_layer):

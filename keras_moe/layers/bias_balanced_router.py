@@ -165,13 +165,23 @@ class BiasBalancedRouter(BaseRouter):
         logits = self.compute_logits(inputs, training=training)  # (..., E)
         if self.score_function == "sigmoid":
             scores = ops.sigmoid(logits)
-            probs = scores / ops.sum(scores, axis=-1, keepdims=True)
+            # Ratios of sigmoids as softmaxes of their logarithms: when all
+            # of a token's logits are below about -104 its float32 sigmoids
+            # are all 0, and `scores / sum(scores)` would be 0 / 0 = NaN.
+            log_scores = ops.log_sigmoid(logits)
+            probs = ops.softmax(log_scores, axis=-1)
         else:
             scores = ops.softmax(logits, axis=-1)
             probs = scores
         bias = ops.stop_gradient(ops.convert_to_tensor(self.expert_bias))
         weights, expert_index = biased_top_k(scores, bias, self.top_k)
-        if self.normalize_weights:
+        if self.normalize_weights and self.score_function == "sigmoid":
+            # The selected scores over their sum, (..., k), as above.
+            weights = ops.softmax(
+                ops.take_along_axis(log_scores, expert_index, axis=-1), axis=-1
+            )
+        elif self.normalize_weights:
+            # Softmax scores: the top one is at least 1 / E, no 0 / 0.
             weights = weights / ops.sum(weights, axis=-1, keepdims=True)
         weights = weights * self.routed_scaling_factor
         return {
@@ -190,7 +200,11 @@ class BiasBalancedRouter(BaseRouter):
         return {"sequence_balance_loss": self.sequence_balance_loss_weight}
 
     def balancing_losses(self, routing, mask=None):
-        scores = routing["router_scores"]
+        # The loss normalises the scores over the experts; "router_probs"
+        # are those normalised scores already, computed stably. Normalising
+        # the raw sigmoids again would divide by a sum that underflows to 0
+        # (logits below about -104), a NaN gradient under XLA.
+        scores = routing["router_probs"]
         expert_index = routing["expert_index"]
         if len(scores.shape) == 2:  # One sequence of tokens (T, E).
             scores, expert_index = scores[None], expert_index[None]

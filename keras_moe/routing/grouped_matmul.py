@@ -144,18 +144,26 @@ def _piece(pieces, index, tile_rows):
     return tile_start, mask[:, None], piece_group[index]
 
 
-def _piece_loop(x, kernel, pieces, num_active, tile_rows):
-    """`y[piece rows] = x[piece rows] @ kernel[piece group]`, piece by piece."""
+def _piece_loop(x, kernel, pieces, num_active, tile_rows, transpose=False):
+    """`y[piece rows] = x[piece rows] @ kernel[piece group]`, piece by piece.
+
+    With `transpose=True`, `@ kernel[group].T` (the backward pass), without
+    materialising a transposed copy of the whole `(E, d, h)` kernel: at 128
+    experts that copy alone cost more than all the pieces' matmuls.
+    """
     import jax
 
-    outputs = jax.numpy.zeros((x.shape[0], kernel.shape[2]), x.dtype)
+    out_dim = kernel.shape[1] if transpose else kernel.shape[2]
+    outputs = jax.numpy.zeros((x.shape[0], out_dim), x.dtype)
+    contract = 1 if transpose else 0  # kernel axis contracted with rows' 1
 
     def body(index, outputs):
         tile_start, mask, group = _piece(pieces, index, tile_rows)
         rows = jax.lax.dynamic_slice_in_dim(x, tile_start, tile_rows)
         weights = jax.lax.dynamic_index_in_dim(kernel, group, keepdims=False)
+        product = jax.lax.dot_general(rows, weights, (((1,), (contract,)), ((), ())))
         previous = jax.lax.dynamic_slice_in_dim(outputs, tile_start, tile_rows)
-        update = jax.numpy.where(mask, rows @ weights, previous)
+        update = jax.numpy.where(mask, product, previous)
         return jax.lax.dynamic_update_slice_in_dim(outputs, update, tile_start, 0)
 
     return jax.lax.fori_loop(0, num_active, body, outputs)
@@ -177,8 +185,7 @@ def _make_tiled_matmul():
         x, kernel, pieces, num_active = residuals
         # dx[rows] = dy[rows] @ kernel[e]^T: the same loop, transposed kernel.
         x_grad = _piece_loop(
-            output_grad, jax.numpy.swapaxes(kernel, 1, 2), pieces, num_active,
-            tile_rows,
+            output_grad, kernel, pieces, num_active, tile_rows, transpose=True
         )
 
         # dkernel[e] += x[rows]^T @ dy[rows], piece by piece in row order.
@@ -214,8 +221,12 @@ def _torch_grouped_matmul(x, kernel, group_sizes):
 
     sizes = [int(s) for s in group_sizes.tolist()]
     used = sum(sizes)
+    # `unbind`, not `kernel[e]`: the backward of each indexing would build
+    # a zero tensor of the whole kernel (E times the kernel in all); that of
+    # `unbind` stacks the E gradients once.
+    kernels = torch.unbind(kernel, dim=0)
     pieces = [
-        rows @ kernel[e]
+        rows @ kernels[e]
         for e, rows in enumerate(torch.split(x[:used], sizes))
         if sizes[e]
     ]
@@ -233,6 +244,9 @@ def _tf_grouped_matmul(x, kernel, group_sizes):
     used = tf.reduce_sum(group_sizes)
     num_groups = kernel.shape[0]
     pieces = tf.split(x[:used], group_sizes, num=num_groups, axis=0)
-    outputs = [tf.matmul(rows, kernel[e]) for e, rows in enumerate(pieces)]
+    # `unstack`, not `kernel[e]`: the gradient of each slice would be a
+    # zero-padded tensor of the whole kernel; that of `unstack` is one stack.
+    kernels = tf.unstack(kernel, num=num_groups, axis=0)
+    outputs = [tf.matmul(rows, kernels[e]) for e, rows in enumerate(pieces)]
     tail = tf.zeros((tf.shape(x)[0] - used, tf.shape(kernel)[2]), x.dtype)
     return tf.concat(outputs + [tail], axis=0)

@@ -52,6 +52,28 @@ class BiasBalancedRouterTest(testing.TestCase):
         self.assertAllClose(out["router_scores"], [scores], atol=1e-6)
         self.assertAllClose(out["router_probs"], [scores / scores.sum()], atol=1e-6)
 
+    def test_very_negative_logits_give_finite_normalised_weights(self):
+        # Logits far below -104: every float32 sigmoid is 0. The normalised
+        # weights and probabilities are still the ratios of the scores,
+        # sigmoid(l_i) / sum_j sigmoid(l_j) ~ exp(l_i) / sum_j exp(l_j),
+        # not 0 / 0.
+        router = BiasBalancedRouter(3, 2, routed_scaling_factor=2.5)
+        router.build((None, 3))
+        router.kernel.assign(np.eye(3, dtype="float32"))
+        logits = np.array([[-200.0, -201.0, -1e4], [1e4, -1e4, 3.0]], "float32")
+        out = router(logits)
+        for name in ("combine_weights", "router_probs", "router_scores"):
+            self.assertTrue(np.isfinite(to_numpy(out[name])).all(), name)
+        self.assertEqual(to_numpy(out["expert_index"]).tolist(), [[0, 1], [0, 2]])
+        ratio = np.exp([-200.0, -201.0]) / np.exp([-200.0, -201.0]).sum()
+        self.assertAllClose(out["combine_weights"][0], 2.5 * ratio, atol=1e-6)
+        self.assertAllClose(out["router_probs"][0], list(ratio) + [0.0], atol=1e-6)
+        # Saturated sigmoids, 1 and sigmoid(3): the usual ratios.
+        chosen = np.array([1.0, sigmoid(3.0)])
+        self.assertAllClose(
+            out["combine_weights"][1], 2.5 * chosen / chosen.sum(), atol=1e-6
+        )
+
     def test_softmax_scores_without_normalisation(self):
         router = BiasBalancedRouter(
             3, 1, score_function="softmax", normalize_weights=False
@@ -149,6 +171,28 @@ class BiasBalancedRouterTest(testing.TestCase):
         stats = on.routing_statistics()
         self.assertAllClose(on.losses[0], 0.5 * stats["sequence_balance_loss"], atol=1e-6)
         self.assertGreaterEqual(stats["sequence_balance_loss"], 1.0 - 1e-6)
+
+    def test_sequence_balance_loss_gradient_with_vanishing_scores(self):
+        # Router logits of magnitude 1e4: some tokens have every sigmoid
+        # score 0. The loss normalises each token's scores; its gradient
+        # must stay finite (a guarded division by a sum of zeros is not:
+        # XLA flushes the tiny squared denominator to 0, giving 0 / 0).
+        rng = np.random.default_rng(2)
+        x = rng.normal(size=(4, 6, 3)).astype("float32")
+        x[0] = np.abs(x[0])  # with a negative kernel: all logits < -104
+        router = BiasBalancedRouter(4, 2, sequence_balance_loss_weight=1.0)
+        moe = SparseMoE(
+            4, 8, top_k=2, router=router, group_size=6, z_loss_weight=0.0,
+        )
+        inputs = keras.Input((6, 3))
+        model = keras.Model(inputs, moe(inputs))
+        kernel = -np.abs(rng.normal(size=(3, 4))) * 1e4
+        router.kernel.assign(kernel.astype("float32"))
+        self.assertTrue((to_numpy(router(x)["router_scores"])[0] == 0).all())
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+        model.train_on_batch(x, x)
+        for variable in model.trainable_variables:
+            self.assertTrue(np.isfinite(to_numpy(variable)).all(), variable.path)
 
     def test_bias_survives_keras_save_and_load(self):
         inputs = keras.Input((5, 4))

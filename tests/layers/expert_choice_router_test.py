@@ -7,26 +7,8 @@ from keras.src import testing
 from keras_moe import ExpertChoiceRouter
 from keras_moe import SparseMoE
 from tests.reference import expert_weights_of
-from tests.reference import naive_expert
-from tests.reference import softmax
+from tests.reference import naive_expert_choice_moe
 from tests.utils import to_numpy
-
-
-def naive_expert_choice(inputs, router_kernel, expert_weights, capacity, group_size, activation):
-    """Expert choice one group and expert at a time, float64."""
-    tokens = np.asarray(inputs, np.float64).reshape(-1, inputs.shape[-1])
-    probs = softmax(tokens @ router_kernel.astype(np.float64))
-    weights = {k: np.asarray(v, np.float64) for k, v in expert_weights.items()}
-    outputs = np.zeros_like(tokens)
-    chosen = np.zeros(probs.shape, bool)
-    for start in range(0, len(tokens), group_size):
-        members = np.arange(start, min(start + group_size, len(tokens)))
-        for e in range(probs.shape[1]):
-            order = members[np.argsort(-probs[members, e], kind="stable")][:capacity]
-            for t in order:
-                chosen[t, e] = True
-                outputs[t] += probs[t, e] * naive_expert(tokens[t], e, weights, activation, False)
-    return outputs.reshape(inputs.shape), chosen
 
 
 class ExpertChoiceRouterTest(testing.TestCase):
@@ -67,7 +49,7 @@ class SparseMoEExpertChoiceTest(testing.TestCase):
             eval_capacity_factor=1.0, min_capacity=1, activation="relu",
         )
         outputs = to_numpy(moe(inputs))
-        expected, chosen = naive_expert_choice(
+        expected, chosen = naive_expert_choice_moe(
             inputs, moe.router.kernel.numpy(), expert_weights_of(moe),
             capacity=2, group_size=6, activation="relu",
         )

@@ -12,19 +12,38 @@ import numpy as np
 from absl.testing import parameterized
 from keras.src import testing
 
+from keras_moe import BiasBalancedRouter
+from keras_moe import DenseMoE
+from keras_moe import ExpertChoiceRouter
 from keras_moe import ExpertFFN
 from keras_moe import FeedForward
+from keras_moe import NoisyTopKRouter
+from keras_moe import SoftMoE
 from keras_moe import SparseMoE
 from keras_moe import TopKRouter
+from keras_moe.models import PatchEmbedding
+from keras_moe.models import TokenPooling
+from keras_moe.models import TransformerBlock
+
+_FEED_FORWARD = keras.saving.serialize_keras_object(FeedForward(8))
 
 BASE_CONFIGS = {
     SparseMoE: {"num_experts": 4, "intermediate_dim": 8, "top_k": 2},
     TopKRouter: {"num_experts": 4, "top_k": 2},
+    NoisyTopKRouter: {"num_experts": 4, "top_k": 2},
+    BiasBalancedRouter: {"num_experts": 4, "top_k": 2},
+    ExpertChoiceRouter: {"num_experts": 4, "top_k": 2},
     ExpertFFN: {"num_experts": 4, "intermediate_dim": 8},
     FeedForward: {"intermediate_dim": 8},
+    DenseMoE: {"num_experts": 4, "intermediate_dim": 8},
+    SoftMoE: {"num_experts": 4, "intermediate_dim": 8},
+    TransformerBlock: {"num_heads": 2, "feed_forward": _FEED_FORWARD},
+    PatchEmbedding: {"patch_size": 2, "model_dim": 8},
+    TokenPooling: {},
 }
 
-# (layer, argument, malformed value, what the message must contain).
+# (layer, argument, malformed value, what the message must contain[, other
+# arguments the row needs]).
 MALFORMED = [
     # Wrong types.
     (SparseMoE, "num_experts", "4", "num_experts='4'"),
@@ -51,6 +70,20 @@ MALFORMED = [
     (ExpertFFN, "gated", "no", "gated='no'"),
     (FeedForward, "activation", "no_such_activation", "activation='no_such_activation'"),
     (FeedForward, "kernel_initializer", {"class_name": "Nope"}, "kernel_initializer="),
+    (SparseMoE, "num_shared_experts", "1", "num_shared_experts='1'"),
+    (SparseMoE, "priority", "fifo", "priority='fifo'"),
+    (NoisyTopKRouter, "noise_std", "big", "noise_std='big'"),
+    (NoisyTopKRouter, "normalize_weights", "false", "normalize_weights='false'"),
+    (BiasBalancedRouter, "score_function", "relu", "score_function='relu'"),
+    (ExpertChoiceRouter, "use_bias", "yes", "use_bias='yes'"),
+    (DenseMoE, "gated", "no", "gated='no'"),
+    (DenseMoE, "activation", 3, "activation=3"),
+    (DenseMoE, "seed", "abc", "seed='abc'"),
+    (SoftMoE, "num_experts", "4", "num_experts='4'"),
+    (SoftMoE, "kernel_initializer", "nope", "kernel_initializer='nope'"),
+    (TransformerBlock, "feed_forward", "dense", "feed_forward='dense'"),
+    (TransformerBlock, "causal", "yes", "causal='yes'"),
+    (TokenPooling, "index", "0", "index='0'"),
     # Out of range.
     (SparseMoE, "num_experts", 0, "num_experts=0"),
     (SparseMoE, "top_k", 5, "top_k=5"),
@@ -67,6 +100,32 @@ MALFORMED = [
     (TopKRouter, "logit_noise_std", -1.0, "logit_noise_std=-1.0"),
     (ExpertFFN, "dropout", -0.5, "dropout=-0.5"),
     (FeedForward, "intermediate_dim", -3, "intermediate_dim=-3"),
+    (SparseMoE, "num_shared_experts", -1, "num_shared_experts=-1"),
+    (SparseMoE, "shared_intermediate_dim", 0, "shared_intermediate_dim=0"),
+    (SparseMoE, "shared_expert_gate", True, "num_shared_experts=0"),
+    (SparseMoE, "priority", "batch_prioritized", "causal=True", {"causal": True}),
+    (SparseMoE, "priority", "k_major", "priority='k_major'", {"router": "expert_choice"}),
+    (SparseMoE, "causal", True, "causal=True", {"router": "expert_choice"}),
+    (NoisyTopKRouter, "noise_std", 0, "noise_std=0"),
+    (NoisyTopKRouter, "importance_loss_weight", -1.0, "importance_loss_weight=-1.0"),
+    (NoisyTopKRouter, "load_loss_weight", float("nan"), "load_loss_weight=nan"),
+    (BiasBalancedRouter, "bias_update_rate", -1.0, "bias_update_rate=-1.0"),
+    (BiasBalancedRouter, "routed_scaling_factor", 0, "routed_scaling_factor=0"),
+    (BiasBalancedRouter, "sequence_balance_loss_weight", -1.0, "sequence_balance_loss_weight=-1.0"),
+    (ExpertChoiceRouter, "top_k", 5, "top_k=5"),
+    (ExpertChoiceRouter, "jitter_noise", 1.0, "jitter_noise=1.0"),
+    (DenseMoE, "router_jitter_noise", 1.5, "router_jitter_noise=1.5"),
+    (DenseMoE, "expert_dropout", -0.1, "expert_dropout=-0.1"),
+    (SoftMoE, "slots_per_expert", 0, "slots_per_expert=0"),
+    (SoftMoE, "expert_dropout", 1.0, "expert_dropout=1.0"),
+    (SoftMoE, "seed", -1, "seed=-1"),
+    (TransformerBlock, "num_heads", 0, "num_heads=0"),
+    (TransformerBlock, "key_dim", 0, "key_dim=0"),
+    (TransformerBlock, "attention_dropout", -0.5, "attention_dropout=-0.5"),
+    (TransformerBlock, "causal", True, "causal=False", {"feed_forward": keras.saving.serialize_keras_object(SparseMoE(4, 8))}),
+    (PatchEmbedding, "patch_size", 0, "patch_size=0"),
+    (PatchEmbedding, "model_dim", -1, "model_dim=-1"),
+    (TokenPooling, "index", -1, "index=-1"),
 ]
 
 
@@ -78,8 +137,8 @@ class FromConfigErrorTest(testing.TestCase):
     @parameterized.named_parameters(
         [(_name(i, *row[:3]), *row) for i, row in enumerate(MALFORMED)]
     )
-    def test_malformed_argument(self, layer, argument, value, message):
-        config = {**BASE_CONFIGS[layer], argument: value}
+    def test_malformed_argument(self, layer, argument, value, message, others=None):
+        config = {**BASE_CONFIGS[layer], **(others or {}), argument: value}
         with self.assertRaisesRegex(ValueError, f"`?{argument}`?.*{message}|{message}"):
             layer.from_config(config)
         # The constructor refuses the same value with the same message.

@@ -19,11 +19,15 @@ from keras.src import testing
 
 from keras_moe import SparseMoE
 from keras_moe import TopKRouter
+from tests.reference import expert_weights_of
 from tests.reference import naive_capacity
+from tests.reference import naive_expert_choice_moe
 from tests.reference import softmax
 from tests.reliability import helpers
 from tests.reliability.cases import MOE_CASES
+from tests.reliability.cases import EXPERT_CHOICE
 from tests.reliability.cases import NUM_EXPERTS
+from tests.reliability.cases import TOKEN_CHOICE
 from tests.reliability.cases import moe_case_parameters
 from tests.utils import to_numpy
 
@@ -34,33 +38,40 @@ MODEL_DIM = helpers.MODEL_DIM
 # low-precision tests run them.
 EDGE_CASES = [case for case in MOE_CASES if not case.stochastic]
 # The unknown-dimension paths differ with the group size (None or a number),
-# the capacity (a factor or None) and the slot order (causal or not).
+# the capacity (a factor or None), the slot order (causal, k-major or batch
+# prioritised) and the routing (token or expert choice).
 UNKNOWN_DIMENSION_CASES = [
     case
     for case in MOE_CASES
     if case.name
-    in ("top2_capacity", "swiglu_causal_normalized", "dropless_softmax_after_top_k")
+    in (
+        "top2_capacity", "swiglu_causal_normalized",
+        "dropless_softmax_after_top_k", "expert_choice_shared_gated",
+        "noisy_top_k_batch_prioritized",
+    )
 ]
 
 
 class EdgeCaseChecks(testing.TestCase):
-    def check(self, layer, x, mask=None, has_route=True):
+    def check(self, layer, x, mask=None, routing=TOKEN_CHOICE):
         """Probes `layer` on `x` and checks what holds for every input.
 
         - everything (outputs, losses, gradients, statistics) is finite;
-        - the inference output agrees with the routing (`outputs_from_route`);
         - padding is never routed and outputs exact zeros;
-        - the statistics of the training call match its routing plan.
+        - with routing (`routing`, a case's `routing`, not None): the
+          inference output agrees with the routing (`outputs_from_route`)
+          and the statistics of the training call match its routing plan
+          (`check_token_choice_plan`, `check_expert_choice_plan`).
 
         Returns:
             The `helpers.probe` dict, plus `"statistics"` of that one
-            training call.
+            training call (routing layers).
         """
         if not layer.built:
             layer.build(x.shape)
-        layer.reset_routing_statistics()
-        result = helpers.probe(layer, x, mask, has_route=has_route)
-        result["statistics"] = statistics = layer.routing_statistics()
+        if routing is not None:
+            layer.reset_routing_statistics()
+        result = helpers.probe(layer, x, mask, routing=routing)
         outputs = result["outputs"]
         self.assertEqual(outputs.shape, x.shape)
         helpers.assert_all_finite(
@@ -70,26 +81,40 @@ class EdgeCaseChecks(testing.TestCase):
             + [
                 (f"gradient of {v.path}", g)
                 for v, g in zip(layer.trainable_variables, result["gradients"])
-            ]
-            + helpers.statistics_items(layer),
+            ],
         )
-        self.assertEqual(statistics["steps"], 1.0)
         if mask is not None:
             np.testing.assert_array_equal(outputs[~mask], 0.0)
             np.testing.assert_array_equal(result["training_outputs"][~mask], 0.0)
-        if not has_route:
+        if routing is None:
+            # Nothing routed: no losses to add.
+            self.assertEqual(result["losses"], [])
             return result
-        routing = result["routing"]
+        result["statistics"] = statistics = layer.routing_statistics()
+        helpers.assert_all_finite(self, helpers.statistics_items(layer))
+        self.assertEqual(statistics["steps"], 1.0)
         self.assertAllClose(
             outputs,
-            helpers.outputs_from_route(x, routing, result["every_expert"]),
+            helpers.outputs_from_route(
+                x, result["routing"], result["every_expert"],
+                shared=result.get("shared"), mask=mask,
+            ),
             atol=1e-5,
         )
         valid = np.ones(x.shape[:-1], bool) if mask is None else mask
-        for plan in (routing, result["training_routing"]):
+        if routing == EXPERT_CHOICE:
+            self.check_expert_choice_plan(layer, result, valid)
+        else:
+            self.check_token_choice_plan(layer, result, valid)
+        return result
+
+    def check_token_choice_plan(self, layer, result, valid):
+        """Padding not kept; statistics count the training call's plan."""
+        for plan in (result["routing"], result["training_routing"]):
             self.assertFalse(plan["kept"][~valid].any())
         # The training call's statistics count what its plan did (the plan
         # is computed from the same state, so with the same noise).
+        statistics = result["statistics"]
         plan = result["training_routing"]
         index = plan["expert_index"][valid]  # (valid tokens, k)
         assignments = index.size
@@ -102,7 +127,51 @@ class EdgeCaseChecks(testing.TestCase):
         self.assertAllClose(
             statistics["expert_load"], load / max(assignments, 1), atol=1e-6
         )
-        return result
+
+    def check_expert_choice_plan(self, layer, result, valid):
+        """The expert-choice plan: C distinct valid tokens per expert and
+        group, no padding, weights where taken; statistics count the
+        tokens no expert took and the slots each expert kept."""
+        num_tokens = valid.size
+        group = min(layer.group_size or num_tokens, num_tokens)
+        flat_valid = np.concatenate(
+            [valid.reshape(-1), np.zeros(-num_tokens % group, bool)]
+        ).reshape(-1, group)  # (N, G), the last group padded
+
+        def taken_by(plan):
+            """bool (T, E): expert e took token t; checks the plan."""
+            token_index, kept = plan["token_index"], plan["kept"]  # (N, E, C)
+            num_groups, num_experts, capacity = token_index.shape
+            self.assertEqual(num_groups, flat_valid.shape[0])
+            taken = np.zeros((num_groups, group, num_experts), bool)
+            for n in range(num_groups):
+                for e in range(num_experts):
+                    chosen = token_index[n, e][kept[n, e]]
+                    self.assertEqual(len(set(chosen)), len(chosen))
+                    self.assertTrue(flat_valid[n, chosen].all())
+                    # Short of valid tokens only: an expert fills its C slots.
+                    self.assertEqual(
+                        len(chosen), min(capacity, flat_valid[n].sum())
+                    )
+                    taken[n, chosen, e] = True
+            taken = taken.reshape(-1, num_experts)[:num_tokens]
+            weights = plan["expert_weights"].reshape(-1, num_experts)
+            np.testing.assert_array_equal(weights[~taken], 0.0)
+            return taken
+
+        taken_by(result["routing"])
+        taken = taken_by(result["training_routing"])
+        # The training call's statistics count what its plan did.
+        statistics = result["statistics"]
+        unrouted = np.sum(valid.reshape(-1) & ~taken.any(axis=-1))
+        self.assertAllClose(statistics["dropped_assignments"], unrouted)
+        self.assertAllClose(
+            statistics["dropped_fraction"], unrouted / max(valid.sum(), 1)
+        )
+        load = taken.sum(axis=0)
+        self.assertAllClose(
+            statistics["expert_load"], load / max(load.sum(), 1), atol=1e-6
+        )
 
 
 class EdgeCaseTest(EdgeCaseChecks):
@@ -115,12 +184,31 @@ class EdgeCaseTest(EdgeCaseChecks):
         x = (x + 0.5).astype("float32")
         if not case.has_router_kernel:
             self.skipTest(f"{case.name} has no router kernel to set")
+        if not case.has_statistics:
+            self.skipTest(f"{case.name} routes nothing: every expert sees every token")
         layer = case.make(seed=1)
         layer.build(x.shape)
         kernel = np.tile([8.0, 4.0, 0.0, -4.0], (MODEL_DIM, 1)).astype("float32")
         case.router_kernel(layer).assign(kernel)
-        statistics = self.check(layer, x, has_route=case.has_route)["statistics"]
-        if not case.has_route:
+        result = self.check(layer, x, routing=case.routing)
+        statistics = result["statistics"]
+        if case.routing == EXPERT_CHOICE:
+            # Every expert still takes C tokens of each group (14 tokens in
+            # groups of 5, 5 and 4: C = 3 everywhere): balanced whatever the
+            # tokens prefer. The tokens no expert took are counted as the
+            # reference's choices say.
+            self.assertAllClose(statistics["expert_load"], np.full(NUM_EXPERTS, 0.25))
+            self.assertAllClose(statistics["load_imbalance"], 1.0)
+            group = layer.group_size
+            capacity = naive_capacity(
+                group, NUM_EXPERTS, case.top_k, layer.capacity_factor,
+                layer.min_capacity,
+            )
+            _, taken = naive_expert_choice_moe(
+                x, kernel, expert_weights_of(layer), capacity, group
+            )
+            unrouted = np.sum(~taken.any(axis=-1))
+            self.assertAllClose(statistics["dropped_assignments"], unrouted)
             return
         k = case.top_k
         expected_load = np.zeros(NUM_EXPERTS)
@@ -148,7 +236,7 @@ class EdgeCaseTest(EdgeCaseChecks):
         x = x.astype("float32")
         mask = np.array([[True, True, True, True, False]])
         layer = case.make(seed=1, group_size=4)
-        self.check(layer, x, mask, has_route=case.has_route)
+        self.check(layer, x, mask, routing=case.routing)
 
     @parameterized.named_parameters(moe_case_parameters(EDGE_CASES))
     def test_all_padding_batch(self, case):
@@ -156,14 +244,15 @@ class EdgeCaseTest(EdgeCaseChecks):
         x = x.astype("float32")
         mask = np.zeros((2, 4), bool)
         layer = case.make(seed=1)
-        result = self.check(layer, x, mask, has_route=case.has_route)
-        losses, statistics = result["losses"], result["statistics"]
+        result = self.check(layer, x, mask, routing=case.routing)
         np.testing.assert_array_equal(result["outputs"], 0.0)
         np.testing.assert_array_equal(result["training_outputs"], 0.0)
+        if not case.has_statistics:
+            return
         # No valid token: the balancing terms and every statistic are 0.
-        for loss in losses:
+        for loss in result["losses"]:
             self.assertEqual(float(loss), 0.0)
-        for name, value in statistics.items():
+        for name, value in result["statistics"].items():
             if name != "steps":
                 np.testing.assert_array_equal(value, 0.0, err_msg=name)
 
@@ -246,7 +335,7 @@ class ExpertCountTest(EdgeCaseChecks):
 class UnknownDimensionsTest(EdgeCaseChecks):
     def test_none_batch_and_token_dimensions_in_a_functional_model(self):
         # (batch, height, width, d) with all three leading dimensions
-        # unknown, through MoE layers of three cases. Predicting a second shape makes
+        # unknown, through MoE layers of five cases. Predicting a second shape makes
         # TensorFlow retrace with unknown dimensions (token counts and
         # capacities become tensors); the result must match a direct call.
         inputs = keras.Input((None, None, MODEL_DIM))

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_moe import FeedForward
 from tests.reliability.cases import MOE_CASES
+from tests.reliability.cases import TOKEN_CHOICE
 from tests.utils import to_numpy
 
 SEQUENCE_LENGTH = 7
@@ -130,17 +131,20 @@ def run(layer, fn):
     return _to_numpy_tree(result), [to_numpy(loss) for loss in losses]
 
 
-def probe(layer, inputs, mask=None, has_route=True, cotangent=None):
+def probe(layer, inputs, mask=None, routing=TOKEN_CHOICE, cotangent=None):
     """Everything the reliability checks read from one layer, in one go.
 
     Runs, in this order and as one compiled program on JAX (one compilation
     instead of four; eager elsewhere):
     1. an inference call, `"outputs"`;
-    2. if `has_route`: `route()` at inference, `"routing"`, and in training
-       mode, `"training_routing"` (from the same state as step 3, so on
-       JAX with the same noise draws);
+    2. if `routing` (a case's `routing`) is not None: `route()` at
+       inference, `"routing"`, and in training mode, `"training_routing"`
+       (from the same state as step 4, so on JAX with the same noise
+       draws);
     3. if the layer has `experts`: every expert applied to every token,
-       `"every_expert"` `(E, T, d)` (see `outputs_from_route`);
+       `"every_expert"` `(E, T, d)` (see `outputs_from_route`); if it has
+       `shared_experts`, their (gated) output at inference, `"shared"`
+       `(..., d)`, padding not zeroed;
     4. a training call with gradients: `"training_outputs"`, `"losses"`
        (the terms it added) and `"gradients"` of
        `sum(outputs * cotangent) + sum(losses)` w.r.t.
@@ -169,7 +173,7 @@ def probe(layer, inputs, mask=None, has_route=True, cotangent=None):
 
     def inference_part():
         result = {"outputs": layer(inputs, mask=mask)}
-        if has_route:
+        if routing is not None:
             result["routing"] = layer.route(inputs, mask=mask)
             result["training_routing"] = layer.route(
                 inputs, mask=mask, training=True
@@ -179,6 +183,13 @@ def probe(layer, inputs, mask=None, has_route=True, cotangent=None):
             result["every_expert"] = experts(
                 ops.broadcast_to(flat, (layer.num_experts,) + tuple(flat.shape))
             )
+        shared_experts = getattr(layer, "shared_experts", None)
+        if shared_experts is not None:
+            cast = ops.cast(inputs, layer.compute_dtype)
+            shared = shared_experts(cast)
+            if layer.shared_gate is not None:
+                shared = shared * ops.sigmoid(layer.shared_gate(cast))
+            result["shared"] = shared
         return result
 
     if backend == "jax":
@@ -246,30 +257,42 @@ def probe(layer, inputs, mask=None, has_route=True, cotangent=None):
     return _to_numpy_tree(result)
 
 
-def outputs_from_route(tokens, routing, every_expert):
+def outputs_from_route(tokens, routing, every_expert, shared=None, mask=None):
     """What an MoE layer should output, given its routing decisions.
 
     `expected[t] = sum_j kept[t, j] * weight[t, j] * expert_{index[t, j]}(x_t)`
     with every expert applied to every token by the layer's own `ExpertFFN`
-    (`probe(...)["every_expert"]`, inference). Checks dispatch and combine
-    for any router; the router's own maths is checked against
+    (`probe(...)["every_expert"]`, inference); with expert choice,
+    `expected[t] = sum_e expert_weights[t, e] * expert_e(x_t)`. Plus the
+    shared experts' output on valid tokens. Checks dispatch and combine for
+    any router; the router's own maths is checked against
     `tests/reference.py`.
 
     Args:
         tokens: NumPy `(..., d)`.
         routing: NumPy dict from `route()`: `expert_index`,
-            `combine_weights`, `kept`, each `(..., k)`.
+            `combine_weights`, `kept`, each `(..., k)`, or (expert choice)
+            `expert_weights` `(..., E)`.
         every_expert: NumPy `(E, T, d)`, expert e on token t.
+        shared: optional NumPy `(..., d)`, `probe(...)["shared"]`.
+        mask: optional bool `(...)`, false for padding.
 
     Returns:
         float64 NumPy `(..., d)`.
     """
     num_tokens = every_expert.shape[1]
     every_expert = np.asarray(every_expert, "float64")
+    expected = np.zeros((num_tokens, every_expert.shape[-1]), "float64")
+    if shared is not None:
+        valid = np.ones(num_tokens, bool) if mask is None else mask.reshape(-1)
+        expected += np.asarray(shared, "float64").reshape(num_tokens, -1) * valid[:, None]
+    if "expert_weights" in routing:  # expert choice
+        weights = routing["expert_weights"].reshape(num_tokens, -1)  # (T, E)
+        expected += np.einsum("te,etd->td", weights, every_expert)
+        return expected.reshape(tokens.shape)
     index = routing["expert_index"].reshape(num_tokens, -1)
     weights = routing["combine_weights"].reshape(num_tokens, -1)
     kept = routing["kept"].reshape(num_tokens, -1)
-    expected = np.zeros((num_tokens, every_expert.shape[-1]), "float64")
     for t in range(num_tokens):
         for j in range(index.shape[1]):
             if kept[t, j]:

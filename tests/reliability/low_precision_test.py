@@ -17,6 +17,7 @@ from keras_moe import SparseMoE
 from keras_moe import TopKRouter
 from tests.reference import softmax
 from tests.reliability import helpers
+from tests.reliability.cases import EXPERT_CHOICE
 from tests.reliability.cases import MOE_CASES
 from tests.reliability.cases import moe_case_parameters
 from tests.utils import to_numpy
@@ -128,7 +129,7 @@ class HugeRouterLogitsTest(testing.TestCase):
         # The premise: logits `x @ kernel` of magnitude 1e4 and more.
         self.assertGreater(np.abs(x @ to_numpy(kernel)).max(), 1e4)
 
-        result = helpers.probe(layer, x, mask, has_route=case.has_route)
+        result = helpers.probe(layer, x, mask, routing=case.routing)
         outputs, training_outputs = result["outputs"], result["training_outputs"]
         losses, grads = result["losses"], result["gradients"]
         helpers.assert_all_finite(
@@ -139,20 +140,35 @@ class HugeRouterLogitsTest(testing.TestCase):
                 (f"gradient of {v.path}", g)
                 for v, g in zip(layer.trainable_variables, grads)
             ]
-            + helpers.statistics_items(layer),
+            + (helpers.statistics_items(layer) if case.has_statistics else []),
         )
-        self.assertLen(losses, 2)
+        if not case.has_statistics:
+            return
+        # The Switch loss, the z-loss, then the router's own losses.
+        router_losses = layer.router.balancing_loss_weights.values()
+        self.assertLen(losses, 2 + sum(weight > 0 for weight in router_losses))
         # The z-loss term sees the huge logits: logsumexp^2 ~ 1e8 or more,
         # times its weight 1e-3.
         self.assertGreater(float(losses[1]), 1e4)
-        if case.has_route:
-            routing = result["routing"]
-            helpers.assert_all_finite(
-                self, [("combine weights", routing["combine_weights"])]
-            )
+        routing = result["routing"]
+        helpers.assert_all_finite(
+            self,
+            [(f"routing {key}", value) for key, value in routing.items()],
+        )
+        if case.has_route and case.saturates:
             # Saturated softmax: the first choice takes all the weight.
-            first = routing["combine_weights"][..., 0][mask]
+            weights = routing["combine_weights"][mask]
+            first = weights[:, 0] / weights.sum(axis=-1)
             self.assertAllClose(first, np.ones_like(first), atol=1e-3)
+        elif case.routing == EXPERT_CHOICE:
+            # Saturated softmax: each token's probability is 1 for its top
+            # expert, 0 elsewhere (up to float32), whatever the expert took.
+            weights = routing["expert_weights"][mask]
+            self.assertTrue(np.all((weights >= 0) & (weights <= 1)))
+            self.assertAllClose(
+                np.max(routing["router_probs"][mask], axis=-1),
+                np.ones(int(mask.sum())), atol=1e-3,
+            )
 
 
 class ZLossTest(testing.TestCase):

@@ -18,6 +18,7 @@ from keras.src import testing
 
 from keras_moe import SparseMoE
 from keras_moe import TopKRouter
+from keras_moe.models import text_classifier
 from tests.utils import to_numpy
 
 # Must not be called when a file is loaded or used; see `_EVIL_CALLS`.
@@ -34,26 +35,35 @@ def _serialized_lambda():
     return keras.saving.serialize_keras_object(lambda x: x * 2.0)
 
 
-def _rewrite(path, layer_name, key, value):
-    """Sets `config[key] = value` of layer `layer_name` inside the file."""
+def _edit_config(path, edit):
+    """Rewrites the file's `config.json` as `edit(config)` leaves it."""
     with zipfile.ZipFile(path) as archive:
         files = {name: archive.read(name) for name in archive.namelist()}
     config = json.loads(files["config.json"])
-    found = False
-    for layer in config["config"]["layers"]:
-        if layer["config"]["name"] == layer_name:
-            if key == "class_name":
-                layer["class_name"] = value
-                layer["registered_name"] = value
-                layer["module"] = "evil_module"
-            else:
-                layer["config"][key] = value
-            found = True
-    assert found, layer_name
+    edit(config)
     files["config.json"] = json.dumps(config).encode()
     with zipfile.ZipFile(path, "w") as archive:
         for name, content in files.items():
             archive.writestr(name, content)
+
+
+def _rewrite(path, layer_name, key, value):
+    """Sets `config[key] = value` of layer `layer_name` inside the file."""
+
+    def edit(config):
+        found = False
+        for layer in config["config"]["layers"]:
+            if layer["config"]["name"] == layer_name:
+                if key == "class_name":
+                    layer["class_name"] = value
+                    layer["registered_name"] = value
+                    layer["module"] = "evil_module"
+                else:
+                    layer["config"][key] = value
+                found = True
+        assert found, layer_name
+
+    _edit_config(path, edit)
 
 
 class UntrustedFileTest(testing.TestCase):
@@ -140,3 +150,55 @@ class UntrustedFileTest(testing.TestCase):
         )
         self.assertLoadFails(rf"(?s)`activation`.*{name}")
         self.assertEqual(_EVIL_CALLS, [])
+
+
+class UntrustedBuilderFileTest(testing.TestCase):
+    """The same refusals one level down: the MoE layer inside a
+    `TransformerBlock` of a `keras_moe.models` builder (loading the
+    unedited builder files in safe mode, under every backend, is
+    `portability_test`'s)."""
+
+    def setUp(self):
+        super().setUp()
+        model = text_classifier(
+            num_classes=2, sequence_length=6, vocabulary_size=11,
+            num_layers=1, model_dim=8, num_heads=2, intermediate_dim=8,
+            num_experts=4, moe_layers="all",
+        )
+        self.path = os.path.join(self.get_temp_dir(), "classifier.keras")
+        model.save(self.path)
+
+    def _set_in_block(self, key, value):
+        """Sets `key` of block_0's feed-forward config (or the class of
+        the feed-forward, `key="class_name"`)."""
+
+        def edit(config):
+            (block,) = [
+                layer for layer in config["config"]["layers"]
+                if layer["config"]["name"] == "block_0"
+            ]
+            feed_forward = block["config"]["feed_forward"]
+            self.assertEqual(feed_forward["class_name"], "SparseMoE")
+            if key == "class_name":
+                feed_forward.update(
+                    class_name=value, registered_name=value, module="evil_module"
+                )
+            else:
+                feed_forward["config"][key] = value
+
+        _edit_config(self.path, edit)
+
+    def test_lambda_inside_a_block_is_refused_with_the_reason(self):
+        self._set_in_block("activation", _serialized_lambda())
+        with self.assertRaisesRegex(
+            Exception, r"(?s)`activation`.*lambda.*safe_mode=False"
+        ):
+            keras.saving.load_model(self.path, safe_mode=True)
+
+    def test_builtin_function_inside_a_block_is_refused(self):
+        self._set_in_block(
+            "activation",
+            {"module": "builtins", "class_name": "function", "config": "eval", "registered_name": "eval"},
+        )
+        with self.assertRaisesRegex(Exception, r"(?s)`activation`.*eval"):
+            keras.saving.load_model(self.path, safe_mode=True)
