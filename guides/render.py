@@ -158,7 +158,11 @@ def render(guide_path, output_dir):
             if stop.code not in (None, 0):
                 raise
             finished = False
-        output = tee.buffer.getvalue().rstrip()
+        # Paths the guide prints, relative to the repository: the rendered
+        # page should not show where it happened to be rendered.
+        output = tee.buffer.getvalue().rstrip().replace(
+            figure_dir, os.path.relpath(figure_dir, REPOSITORY)
+        )
         if output:
             parts.append(_fence(output))
         after = _pngs(figure_dir)
