@@ -272,10 +272,15 @@ def measure(kind, num_experts, args, inputs):
 def markdown_table(results, args):
     dense = {r["num_experts"]: r for r in results if r["layer"] == "dense"}
     hub = {r["num_experts"]: r for r in results if r["layer"] == "keras_hub"}
+    # The same layer at the fewest experts measured: how its cost grows with
+    # the number of experts at a fixed active size.
+    fewest = {}
+    for r in sorted(results, key=lambda r: r["num_experts"]):
+        fewest.setdefault(r["layer"], r)
     lines = [
-        "| layer | experts | train ms | / dense | KerasHub / this | infer tok/s "
-        "| JAX temp MiB | peak RSS growth MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | experts | train ms | / dense | / fewest experts | KerasHub / this "
+        "| infer tok/s | JAX temp MiB | peak RSS growth MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(value, spec):
@@ -290,10 +295,16 @@ def markdown_table(results, args):
             if peer and r["layer"] not in ("keras_hub", "dense")
             else None
         )
+        growth = (
+            r["train_ms"] / fewest[r["layer"]]["train_ms"]
+            if r["layer"] != "dense"
+            else None
+        )
         experts = "-" if r["layer"] == "dense" else r["num_experts"]
         lines.append(
             f"| {r['layer']} | {experts} | {r['train_ms']:.1f} | {fmt(ratio, '.2f')} "
-            f"| {fmt(speedup, '.1f')} | {r['infer_tokens_per_s']:.0f} "
+            f"| {fmt(growth, '.2f')} | {fmt(speedup, '.1f')} "
+            f"| {r['infer_tokens_per_s']:.0f} "
             f"| {fmt(r['jax_temp_mib'], '.1f')} "
             f"| {fmt(r['peak_rss_growth_mib'], '.1f')} |"
         )
@@ -311,11 +322,18 @@ def machine_description():
                     break
     except OSError:
         pass
-    return f"{cpu}, {cores} cores, {platform.system()}"
+    description = f"{cpu}, {cores} cores, {platform.system()}"
+    try:
+        # Other work on the machine skews the medians: say how busy it was.
+        description += f", load average {os.getloadavg()[0]:.2f} at the start"
+    except OSError:
+        pass
+    return description
 
 
 def main(argv=None):
     args = parse_args(argv)
+    machine = machine_description()
     backend = keras.backend.backend()
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(1, args.tokens, args.d_model)).astype("float32")
@@ -335,7 +353,7 @@ def main(argv=None):
             )
     table = markdown_table(results, args)
     header = (
-        f"backend {backend}, keras {keras.__version__}, {machine_description()}; "
+        f"backend {backend}, keras {keras.__version__}, {machine}; "
         f"tokens {args.tokens}, d_model {args.d_model}, expert hidden "
         f"{args.expert_hidden}, top-{args.top_k}, capacity factor "
         f"{args.capacity_factor}, group size {args.group_size}, float32, "

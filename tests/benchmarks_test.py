@@ -1,0 +1,69 @@
+"""The layer benchmark runs end to end at tiny sizes on the session's backend.
+
+Only that it runs, measures every layer it is asked for and writes what
+`benchmarks/README.md` is built from: no timing is asserted here (speed is
+measured by running `python -m benchmarks.moe_layer` itself).
+"""
+
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def moe_layer_benchmark():
+    sys.path.insert(0, REPOSITORY)
+    try:
+        from benchmarks import moe_layer
+    finally:
+        sys.path.remove(REPOSITORY)
+    return moe_layer
+
+
+def test_moe_layer_benchmark_measures_every_layer(moe_layer_benchmark, tmp_path, capsys):
+    path = tmp_path / "result.json"
+    moe_layer_benchmark.main(
+        [
+            "--experts", "2", "4",
+            "--tokens", "32",
+            "--d-model", "8",
+            "--expert-hidden", "8",
+            "--repetitions", "2",
+            "--warmup", "1",
+            "--keras-hub-max-experts", "2",
+            "--json", str(path),
+        ]
+    )
+    table = capsys.readouterr().out
+    with open(path) as f:
+        written = json.load(f)
+    measured = [(r["layer"], r["num_experts"]) for r in written["results"]]
+    # KerasHub's block only up to --keras-hub-max-experts.
+    assert measured == [
+        ("dense", 2), ("capacity", 2), ("dropless", 2), ("keras_hub", 2),
+        ("dense", 4), ("capacity", 4), ("dropless", 4),
+    ]
+    for result in written["results"]:
+        assert len(result["train_ms_all"]) == 2
+        assert result["train_ms"] == pytest.approx(
+            statistics.median(result["train_ms_all"])
+        )
+        assert result["train_ms"] > 0 and result["infer_tokens_per_s"] > 0
+    assert "load average" in written["header"]
+    # One table row per measurement, each with its ratio to the dense layer.
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(measured)
+    capacity_at_4 = rows[5].split("|")
+    dense_at_4 = written["results"][4]["train_ms"]
+    capacity_ms = written["results"][5]["train_ms"]
+    assert capacity_at_4[1].strip() == "capacity"
+    assert float(capacity_at_4[4]) == pytest.approx(capacity_ms / dense_at_4, abs=0.006)
+    # The growth column compares with the same layer at 2 experts.
+    assert float(capacity_at_4[5]) == pytest.approx(
+        capacity_ms / written["results"][1]["train_ms"], abs=0.006
+    )
