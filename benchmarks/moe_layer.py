@@ -115,8 +115,10 @@ def make_layer(kind, num_experts, args):
 class _FirstOutput(keras.layers.Layer):
     """KerasHub's block returns `(outputs, router_logits)`; keep the first."""
 
-    def __init__(self, block, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, block, name="keras_hub_first_output", **kwargs):
+        # An explicit name: TensorFlow refuses the derived "_first_output"
+        # as a name scope (a leading underscore).
+        super().__init__(name=name, **kwargs)
         self.block = block
 
     def build(self, input_shape):
