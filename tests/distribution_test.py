@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -151,6 +152,23 @@ def test_constraints_and_sorted_top_k_under_a_distribution():
     # outputs (expert- then group-major), combined outputs: 6 constraints.
     assert jaxpr.count("sharding_constraint[") == 6
     assert "top_k" not in jaxpr
+
+
+@jax_only
+def test_dropless_under_a_distribution_warns_of_its_cost_once():
+    mesh = one_device_mesh()
+    distribution = moe_distribution.ExpertParallel(keras.distribution.LayoutMap(mesh))
+    tokens = np.ones((2, 4, 16), "float32")
+    with distribution.scope():
+        moe = SparseMoE(4, 8, group_size=4, capacity_factor=None)
+        with pytest.warns(UserWarning, match=r"capacity_factor=None.*4 x 4 rows"):
+            moe(tokens, training=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            moe(tokens, training=True)  # said once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseMoE(4, 8, capacity_factor=None)(tokens, training=True)  # no distribution
 
 
 @jax_only

@@ -2,6 +2,8 @@
 
 import inspect
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -105,7 +107,7 @@ class SparseMoE(keras.layers.Layer):
        parallelism (`keras_moe.distribution`) tokens must travel in
        fixed-size buffers, so dropless routing there falls back to buffers
        of a whole group per expert (exact, but E times the work): shard
-       with a capacity factor.
+       with a capacity factor (the layer warns once when it runs this way).
     5. With a `keras.distribution` active (JAX), the groups are split over
        the data devices and the expert buffers over the `"expert"` mesh
        axis, so tokens reach their experts by all-to-all
@@ -652,6 +654,8 @@ class SparseMoE(keras.layers.Layer):
         # all-to-all needs static sizes), so dropless routing there uses
         # capacity buffers of a whole group per expert: nothing dropped, but
         # compute of E * G rows per group. Use a capacity factor to shard.
+        if capacity_factor is None and _distribution_active():
+            self._warn_dropless_under_distribution(training, group_size)
         if capacity_factor is None and not _distribution_active():
             decision = self._route(tokens, valid, training)
             outputs = self._dropless_experts(tokens, valid, decision, training)
@@ -668,6 +672,25 @@ class SparseMoE(keras.layers.Layer):
             self._add_balancing_losses_and_statistics(decision, valid, kept)
         outputs = ops.reshape(outputs, ops.shape(inputs))
         return self._add_shared_experts(inputs, outputs, mask, training)
+
+    def _warn_dropless_under_distribution(self, training, group_size):
+        """Says once per layer and mode that dropless costs E x G rows here."""
+        warned = self.__dict__.setdefault("_dropless_distribution_warned", set())
+        if training in warned:
+            return
+        warned.add(training)
+        argument = "capacity_factor" if training else "eval_capacity_factor"
+        warnings.warn(
+            f"SparseMoE {self.name!r} runs dropless ({argument}=None) under a "
+            "keras.distribution: expert parallelism moves tokens in fixed-size "
+            "buffers, so every expert gets a buffer of a whole routing group "
+            f"({group_size} rows). Nothing is dropped, but the experts compute "
+            f"{self.num_experts} x {group_size} rows per group, the cost of "
+            "running every expert on every token. Set "
+            f"{argument} (e.g. 1.25, or 2.0 to drop little) to shard at the "
+            "sparse cost; the dropped fraction is in the routing statistics.",
+            stacklevel=3,
+        )
 
     def _capacity_experts(self, tokens, valid, group_size, training):
         """Capacity-limited dispatch -> experts -> combine.
