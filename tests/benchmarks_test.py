@@ -67,3 +67,22 @@ def test_moe_layer_benchmark_measures_every_layer(moe_layer_benchmark, tmp_path,
     assert float(capacity_at_4[5]) == pytest.approx(
         capacity_ms / written["results"][1]["train_ms"], abs=0.006
     )
+
+
+@pytest.mark.skipif(
+    __import__("keras").backend.backend() != "jax", reason="benchmarks.bounds is JAX only"
+)
+def test_bounds_benchmark_prints_a_row_per_expert_count(capsys):
+    sys.path.insert(0, REPOSITORY)
+    try:
+        from benchmarks import bounds
+    finally:
+        sys.path.remove(REPOSITORY)
+    bounds.main(
+        ["--experts", "2", "4", "--tokens", "16", "--d-model", "4",
+         "--expert-hidden", "4", "--repetitions", "1"]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["2", "4"]
+    # capacity = ceil(1.25 * 16 tokens * top-2 / E)
+    assert [row.split("|")[2].strip() for row in rows[1:]] == ["20", "10"]
