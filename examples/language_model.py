@@ -199,7 +199,7 @@ def main(argv=None):
         print(
             f"MoE routing, last epoch: load imbalance "
             f"{moe['load_imbalance']:.2f} (1.00 = balanced), "
-            f"{100 * moe['dropped_fraction']:.1f}% of assignments dropped"
+            f"{100 * moe['dropped_fraction']:.2f}% of assignments dropped"
         )
     prompt = test.x[0, : max(1, args.sequence_length // 4)]
     continuation = sample(

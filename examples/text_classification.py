@@ -175,7 +175,7 @@ def main(argv=None):
         print(
             f"MoE routing, last epoch: load imbalance "
             f"{moe['load_imbalance']:.2f} (max/mean expert load, 1.00 = "
-            f"balanced), {100 * moe['dropped_fraction']:.1f}% of assignments "
+            f"balanced), {100 * moe['dropped_fraction']:.2f}% of assignments "
             "dropped at capacity"
         )
     print("test accuracy per domain:")

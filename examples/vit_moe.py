@@ -177,7 +177,7 @@ def main(argv=None):
         print(
             f"MoE routing, last epoch: load imbalance "
             f"{moe['load_imbalance']:.2f} (1.00 = balanced), "
-            f"{100 * moe['dropped_fraction']:.1f}% of assignments dropped"
+            f"{100 * moe['dropped_fraction']:.2f}% of assignments dropped"
         )
 
     # === Figures ===
