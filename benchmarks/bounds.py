@@ -17,7 +17,9 @@ SwiGLU, capacity factor 1.25, forward + backward, `jax.jit`):
 
     KERAS_BACKEND=jax python -m benchmarks.bounds
 
-Prints a Markdown table of medians (ms) and their ratios to `dense`.
+Prints a Markdown table of medians (ms) and their ratios to `dense` (all four
+timed round-robin, one call each per round; ratios are medians of the
+per-round ratios).
 """
 
 import argparse
@@ -42,17 +44,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def median_ms(function, repetitions):
+def interleaved_ms(functions, repetitions):
+    """Per-function lists of ms, timed round-robin (one call each per round)."""
     import jax
 
-    for _ in range(2):  # compile, warm up
-        jax.block_until_ready(function())
-    times = []
+    for function in functions:  # compile, warm up
+        for _ in range(2):
+            jax.block_until_ready(function())
+    times = [[] for _ in functions]
     for _ in range(repetitions):
-        start = time.perf_counter()
-        jax.block_until_ready(function())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for function, own in zip(functions, times):
+            start = time.perf_counter()
+            jax.block_until_ready(function())
+            own.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ratio(numerator, denominator):
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def training_step(layer, inputs):
@@ -85,14 +94,12 @@ def main(argv=None):
     layer_options = dict(gated=True, activation="silu", use_bias=False)
     dense = keras_moe.FeedForward(args.top_k * args.expert_hidden, **layer_options)
     dense.build((None, args.d_model))
-    dense_ms = median_ms(training_step(dense, tokens), args.repetitions)
-    print(f"dense feed-forward ({args.top_k * args.expert_hidden} units): {dense_ms:.1f} ms")
-    print()
+    dense_step = training_step(dense, tokens)
     print(
-        "| experts | capacity | experts only ms | / dense | whole layer ms | / dense "
-        "| expert weights MiB | weights read + write ms |"
+        "| experts | capacity | dense ms | experts only ms | / dense | whole layer ms "
+        "| / dense | expert weights MiB | weights read + write ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     copy = jax.jit(lambda weights: [2.0 * w for w in weights])
     for num_experts in args.experts:
         capacity = int(
@@ -101,20 +108,29 @@ def main(argv=None):
         experts = keras_moe.ExpertFFN(num_experts, args.expert_hidden, **layer_options)
         experts.build((num_experts, None, args.d_model))
         buffers = rng.normal(size=(num_experts, capacity, args.d_model)).astype("float32")
-        experts_ms = median_ms(training_step(experts, buffers), args.repetitions)
         moe = keras_moe.SparseMoE(
             num_experts, args.expert_hidden, top_k=args.top_k,
             capacity_factor=args.capacity_factor, **layer_options,
         )
         moe.build((1, args.tokens, args.d_model))
-        layer_ms = median_ms(training_step(moe, tokens[None]), args.repetitions)
         weights = [v.value for v in experts.trainable_variables]
         weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in weights)
-        copy_ms = median_ms(lambda: copy(weights), args.repetitions)
+        # Round-robin, so that the ratios compare calls made side by side.
+        dense_ms, experts_ms, layer_ms, copy_ms = interleaved_ms(
+            [
+                dense_step,
+                training_step(experts, buffers),
+                training_step(moe, tokens[None]),
+                lambda: copy(weights),
+            ],
+            args.repetitions,
+        )
+        median = statistics.median
         print(
-            f"| {num_experts} | {capacity} | {experts_ms:.1f} | {experts_ms / dense_ms:.2f} "
-            f"| {layer_ms:.1f} | {layer_ms / dense_ms:.2f} | {weight_bytes / 2**20:.0f} "
-            f"| {copy_ms:.1f} |",
+            f"| {num_experts} | {capacity} | {median(dense_ms):.1f} "
+            f"| {median(experts_ms):.1f} | {median_ratio(experts_ms, dense_ms):.2f} "
+            f"| {median(layer_ms):.1f} | {median_ratio(layer_ms, dense_ms):.2f} "
+            f"| {weight_bytes / 2**20:.0f} | {median(copy_ms):.1f} |",
             flush=True,
         )
 

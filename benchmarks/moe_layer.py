@@ -17,7 +17,9 @@ numbers taken under the same conditions:
 All are SwiGLU experts without biases (as Mixtral), float32, `tokens`
 tokens of width `d_model`, `top_k` experts of `expert_hidden` units each.
 
-For each, the median over `--repetitions` timed calls (after warm-up) of:
+For each, the median over `--repetitions` timed calls (after warm-up), the
+layers of one expert count timed round-robin (one call of each per round;
+ratios are medians of the per-round ratios), of:
 - `train`: forward + backward (gradients of every weight and of the input)
   of `sum(outputs^2) + added losses`, compiled as each backend compiles a
   training step (`jax.jit`; `tf.function`; eager PyTorch);
@@ -248,27 +250,70 @@ def _median_seconds(function, repetitions, warmup):
     return statistics.median(times), times
 
 
-def measure(kind, num_experts, args, inputs):
-    keras.utils.clear_session()
+def prepare(kind, num_experts, args, inputs):
+    """Builds one layer and its compiled steps, run once each (compiled)."""
     keras.utils.set_random_seed(0)
     layer = make_layer(kind, num_experts, args)
     layer.build(inputs.shape)
     train, infer, temp_bytes = STEPS[keras.backend.backend()](layer, inputs)
     train()  # compile
-    train_median, train_times = _median_seconds(train, args.repetitions, args.warmup)
     infer()
-    infer_median, _ = _median_seconds(infer, args.repetitions, args.warmup)
-    gc.collect()
-    rss_growth = _peak_rss_growth(train)
-    return {
-        "layer": kind,
-        "num_experts": num_experts,
-        "train_ms": 1e3 * train_median,
-        "train_ms_all": [1e3 * t for t in train_times],
-        "infer_tokens_per_s": args.tokens / infer_median,
-        "jax_temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
-        "peak_rss_growth_mib": None if rss_growth is None else rss_growth / 2**20,
-    }
+    return {"kind": kind, "train": train, "infer": infer, "temp_bytes": temp_bytes}
+
+
+def _timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def measure_interleaved(prepared, num_experts, args):
+    """Times the prepared layers round-robin: one call of each per round.
+
+    The machine's speed drifts between runs and within one (other tenants,
+    clocks): timing each layer's repetitions in a block of its own turns
+    that drift into differences between layers. Round-robin, every round
+    sees all layers under the same conditions, and the ratios in the table
+    are medians of the per-round ratios.
+    """
+    for entry in prepared:
+        for _ in range(args.warmup):
+            entry["train"]()
+    train_times = {entry["kind"]: [] for entry in prepared}
+    for _ in range(args.repetitions):
+        for entry in prepared:
+            train_times[entry["kind"]].append(_timed(entry["train"]))
+    infer_times = {entry["kind"]: [] for entry in prepared}
+    for _ in range(args.repetitions):
+        for entry in prepared:
+            infer_times[entry["kind"]].append(_timed(entry["infer"]))
+    results = []
+    for entry in prepared:
+        gc.collect()
+        rss_growth = _peak_rss_growth(entry["train"])
+        kind, temp_bytes = entry["kind"], entry["temp_bytes"]
+        results.append(
+            {
+                "layer": kind,
+                "num_experts": num_experts,
+                "train_ms": 1e3 * statistics.median(train_times[kind]),
+                # One entry per round, in round order: aligned across layers.
+                "train_ms_all": [1e3 * t for t in train_times[kind]],
+                "infer_tokens_per_s": args.tokens / statistics.median(infer_times[kind]),
+                "jax_temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
+                "peak_rss_growth_mib": (
+                    None if rss_growth is None else rss_growth / 2**20
+                ),
+            }
+        )
+    return results
+
+
+def median_ratio(numerator, denominator):
+    """Median over rounds of `numerator / denominator` (aligned round lists)."""
+    return statistics.median(
+        a / b for a, b in zip(numerator["train_ms_all"], denominator["train_ms_all"])
+    )
 
 
 def markdown_table(results, args):
@@ -291,9 +336,9 @@ def markdown_table(results, args):
     for r in results:
         base = dense.get(r["num_experts"])
         peer = hub.get(r["num_experts"])
-        ratio = r["train_ms"] / base["train_ms"] if base else None
+        ratio = median_ratio(r, base) if base else None
         speedup = (
-            peer["train_ms"] / r["train_ms"]
+            median_ratio(peer, r)
             if peer and r["layer"] not in ("keras_hub", "dense")
             else None
         )
@@ -340,16 +385,24 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(1, args.tokens, args.d_model)).astype("float32")
     results = []
-    # The dense layer does not depend on the number of experts: measure it
-    # next to every expert count so each ratio uses a neighbouring number.
     for num_experts in args.experts:
-        for kind in args.layers:
-            if kind == "keras_hub" and num_experts > args.keras_hub_max_experts:
-                continue
-            result = measure(kind, num_experts, args, inputs)
-            results.append(result)
+        keras.utils.clear_session()
+        kinds = [
+            kind
+            for kind in args.layers
+            if not (kind == "keras_hub" and num_experts > args.keras_hub_max_experts)
+        ]
+        # The dense layer does not depend on the number of experts: it is
+        # measured again in every round of every expert count, so each
+        # ratio compares calls made next to each other.
+        prepared = [prepare(kind, num_experts, args, inputs) for kind in kinds]
+        measured = measure_interleaved(prepared, num_experts, args)
+        del prepared
+        results.extend(measured)
+        for result in measured:
             print(
-                f"{kind:>9} E={num_experts:<4} train {result['train_ms']:8.1f} ms",
+                f"{result['layer']:>9} E={num_experts:<4} train "
+                f"{result['train_ms']:8.1f} ms",
                 file=sys.stderr,
                 flush=True,
             )
@@ -359,7 +412,7 @@ def main(argv=None):
         f"tokens {args.tokens}, d_model {args.d_model}, expert hidden "
         f"{args.expert_hidden}, top-{args.top_k}, capacity factor "
         f"{args.capacity_factor}, group size {args.group_size}, float32, "
-        f"median of {args.repetitions}"
+        f"median of {args.repetitions} rounds (layers interleaved)"
     )
     print(header)
     print()

@@ -59,13 +59,15 @@ def test_moe_layer_benchmark_measures_every_layer(moe_layer_benchmark, tmp_path,
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == len(measured)
     capacity_at_4 = rows[5].split("|")
-    dense_at_4 = written["results"][4]["train_ms"]
-    capacity_ms = written["results"][5]["train_ms"]
+    dense, capacity = written["results"][4], written["results"][5]
     assert capacity_at_4[1].strip() == "capacity"
-    assert float(capacity_at_4[4]) == pytest.approx(capacity_ms / dense_at_4, abs=0.006)
-    # The growth column compares with the same layer at 2 experts.
+    # Layers are timed round-robin: the ratio is the median of the ratios of
+    # calls made in the same round.
+    per_round = [c / d for c, d in zip(capacity["train_ms_all"], dense["train_ms_all"])]
+    assert float(capacity_at_4[4]) == pytest.approx(statistics.median(per_round), abs=0.006)
+    # The growth column compares medians with the same layer at 2 experts.
     assert float(capacity_at_4[5]) == pytest.approx(
-        capacity_ms / written["results"][1]["train_ms"], abs=0.006
+        capacity["train_ms"] / written["results"][1]["train_ms"], abs=0.006
     )
 
 
@@ -86,3 +88,4 @@ def test_bounds_benchmark_prints_a_row_per_expert_count(capsys):
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["2", "4"]
     # capacity = ceil(1.25 * 16 tokens * top-2 / E)
     assert [row.split("|")[2].strip() for row in rows[1:]] == ["20", "10"]
+    assert all(float(row.split("|")[5]) > 0 for row in rows[1:])
