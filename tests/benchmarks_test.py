@@ -5,6 +5,7 @@ Only that it runs, measures every layer it is asked for and writes what
 measured by running `python -m benchmarks.moe_layer` itself).
 """
 
+import importlib
 import json
 import os
 import statistics
@@ -15,19 +16,18 @@ import pytest
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def moe_layer_benchmark():
+def import_benchmark(name):
+    """`benchmarks.<name>` (run from the repository root, not installed)."""
     sys.path.insert(0, REPOSITORY)
     try:
-        from benchmarks import moe_layer
+        return importlib.import_module(f"benchmarks.{name}")
     finally:
         sys.path.remove(REPOSITORY)
-    return moe_layer
 
 
-def test_moe_layer_benchmark_measures_every_layer(moe_layer_benchmark, tmp_path, capsys):
+def test_moe_layer_benchmark_measures_every_layer(tmp_path, capsys):
     path = tmp_path / "result.json"
-    moe_layer_benchmark.main(
+    import_benchmark("moe_layer").main(
         [
             "--experts", "2", "4",
             "--tokens", "32",
@@ -75,12 +75,7 @@ def test_moe_layer_benchmark_measures_every_layer(moe_layer_benchmark, tmp_path,
     __import__("keras").backend.backend() != "jax", reason="benchmarks.bounds is JAX only"
 )
 def test_bounds_benchmark_prints_a_row_per_expert_count(capsys):
-    sys.path.insert(0, REPOSITORY)
-    try:
-        from benchmarks import bounds
-    finally:
-        sys.path.remove(REPOSITORY)
-    bounds.main(
+    import_benchmark("bounds").main(
         ["--experts", "2", "4", "--tokens", "16", "--d-model", "4",
          "--expert-hidden", "4", "--repetitions", "1"]
     )
