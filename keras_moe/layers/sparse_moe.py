@@ -1,7 +1,6 @@
 """SparseMoE: a drop-in sparse replacement for a dense feed-forward block."""
 
 import inspect
-
 import warnings
 
 import keras
@@ -654,9 +653,11 @@ class SparseMoE(keras.layers.Layer):
         # all-to-all needs static sizes), so dropless routing there uses
         # capacity buffers of a whole group per expert: nothing dropped, but
         # compute of E * G rows per group. Use a capacity factor to shard.
-        if capacity_factor is None and _distribution_active():
+        dropless = capacity_factor is None
+        if dropless and _distribution_active():
             self._warn_dropless_under_distribution(training, group_size)
-        if capacity_factor is None and not _distribution_active():
+            dropless = False  # capacity_factor=None: a whole group per expert
+        if dropless:
             decision = self._route(tokens, valid, training)
             outputs = self._dropless_experts(tokens, valid, decision, training)
             kept = ops.logical_and(
