@@ -162,25 +162,9 @@ class DenseMoE(keras.layers.Layer):
             {
                 "num_experts": self.num_experts,
                 "intermediate_dim": self.intermediate_dim,
-                "activation": keras.activations.serialize(
-                    self.experts.activation
-                ),
-                "gated": self.experts.gated,
-                "use_bias": self.experts.use_bias,
+                **self.experts.options_config(),
                 "expert_dropout": self.expert_dropout,
                 "router_jitter_noise": self.router_jitter_noise,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.experts.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.experts.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.experts.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.experts.bias_regularizer
-                ),
                 "seed": self.seed,
             }
         )

@@ -241,26 +241,33 @@ class FeedForwardBase(SavesSeedStates, keras.layers.Layer):
         config.update(
             {
                 "intermediate_dim": self.intermediate_dim,
-                "activation": keras.activations.serialize(self.activation),
-                "gated": self.gated,
-                "use_bias": self.use_bias,
+                **self.options_config(),
                 "dropout": self.dropout,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.bias_regularizer
-                ),
                 "seed": self.seed,
             }
         )
         return config
+
+    def options_config(self):
+        """The serialised options an MoE layer passes on to its experts.
+
+        Activation, gating, biases, initializers and regularizers: the
+        config entries of `FeedForward`, `ExpertFFN` and of the MoE layers
+        that build their experts from the same arguments.
+        """
+        return {
+            "activation": keras.activations.serialize(self.activation),
+            "gated": self.gated,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+        }
 
 
 @keras_moe_export

@@ -228,27 +228,11 @@ class SoftMoE(keras.layers.Layer):
                 "num_experts": self.num_experts,
                 "intermediate_dim": self.intermediate_dim,
                 "slots_per_expert": self.slots_per_expert,
-                "activation": keras.activations.serialize(
-                    self.experts.activation
-                ),
-                "gated": self.experts.gated,
-                "use_bias": self.experts.use_bias,
+                **self.experts.options_config(),
                 "expert_dropout": self.expert_dropout,
                 "normalize": self.normalize,
                 "slot_initializer": keras.initializers.serialize(
                     self.slot_initializer
-                ),
-                "kernel_initializer": keras.initializers.serialize(
-                    self.experts.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.experts.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.experts.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.experts.bias_regularizer
                 ),
                 "seed": self.seed,
             }

@@ -1035,9 +1035,7 @@ class SparseMoE(keras.layers.Layer):
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "min_capacity": self.min_capacity,
                 "group_size": self.group_size,
-                "activation": keras.activations.serialize(self.activation),
-                "gated": self.gated,
-                "use_bias": self.experts.use_bias,
+                **self.experts.options_config(),
                 "expert_dropout": self.expert_dropout,
                 "num_shared_experts": self.num_shared_experts,
                 "shared_intermediate_dim": self.shared_intermediate_dim,
@@ -1053,18 +1051,6 @@ class SparseMoE(keras.layers.Layer):
                 "z_loss_weight": self.z_loss_weight,
                 "causal": self.causal,
                 "priority": self.priority,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.experts.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.experts.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.experts.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.experts.bias_regularizer
-                ),
                 "seed": self.seed,
             }
         )
